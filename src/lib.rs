@@ -1,0 +1,6 @@
+//! cloudlb: a Kubernetes LoadBalancer controller for AWS Network Load Balancers, with an embedded
+//! node proxy for the NodePort-to-pod leg. The binary in `main.rs` only wires these modules.
+
+pub mod annotations;
+pub mod model;
+pub mod telemetry;

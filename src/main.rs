@@ -1,0 +1,32 @@
+//! The `cloudlb` binary: parses the command line and hands over to the library.
+
+use clap::{Parser, Subcommand};
+use cloudlb::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "cloudlb", version, about = "LoadBalancer Services as AWS NLBs, with an embedded node proxy")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t, env = "CLOUDLB_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile Services of type LoadBalancer into NLBs.
+    Controller,
+    /// Forward NodePort traffic on this node to ready pod endpoints.
+    NodeProxy,
+    /// Print the CustomResourceDefinitions as YAML.
+    Crdgen,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Controller | Command::NodeProxy | Command::Crdgen => anyhow::bail!("not yet"),
+    }
+}
