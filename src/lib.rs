@@ -2,5 +2,8 @@
 //! node proxy for the NodePort-to-pod leg. The binary in `main.rs` only wires these modules.
 
 pub mod annotations;
+pub mod controller;
+pub mod crd;
 pub mod model;
+pub mod proxy;
 pub mod telemetry;

@@ -4,10 +4,20 @@ use clap::{Parser, Subcommand};
 use cloudlb::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "cloudlb", version, about = "LoadBalancer Services as AWS NLBs, with an embedded node proxy")]
+#[command(
+    name = "cloudlb",
+    version,
+    about = "LoadBalancer Services as AWS NLBs, with an embedded node proxy"
+)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t, env = "CLOUDLB_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "CLOUDLB_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -16,9 +26,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Reconcile Services of type LoadBalancer into NLBs.
-    Controller,
+    Controller(cloudlb::controller::ControllerArgs),
     /// Forward NodePort traffic on this node to ready pod endpoints.
-    NodeProxy,
+    NodeProxy(cloudlb::proxy::NodeProxyArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
 }
@@ -27,6 +37,19 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     match cli.command {
-        Command::Controller | Command::NodeProxy | Command::Crdgen => anyhow::bail!("not yet"),
+        Command::Controller(args) => runtime()?.block_on(cloudlb::controller::run(args)),
+        Command::NodeProxy(args) => runtime()?.block_on(cloudlb::proxy::run(args)),
+        Command::Crdgen => {
+            for crd in cloudlb::crd::all() {
+                print!("---\n{}", serde_yaml_ng::to_string(&crd)?);
+            }
+            Ok(())
+        }
     }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }

@@ -8,7 +8,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use sha2::{Digest, Sha256};
 
 use crate::annotations::{
-    HealthCheckPort, HealthCheckProtocol, IpAddressType, LoadBalancerOptions, PortRef, Scheme, TargetType,
+    HealthCheckPort, HealthCheckProtocol, IpAddressType, LoadBalancerOptions, PortRef, Scheme,
+    TargetType,
 };
 
 /// Tag keys on every AWS resource cloudlb makes; discovery and ownership go by these.
@@ -133,7 +134,9 @@ pub enum ModelError {
     NoNodePort { port: i32, protocol: String },
     #[error("protocol {0} is not supported by a Network Load Balancer")]
     UnsupportedProtocol(String),
-    #[error("port {0} is used by TCP and UDP with different nodePorts; a TCP_UDP target group needs one")]
+    #[error(
+        "port {0} is used by TCP and UDP with different nodePorts; a TCP_UDP target group needs one"
+    )]
     MixedNodePorts(i32),
     #[error("externalTrafficPolicy Local needs spec.healthCheckNodePort")]
     NoHealthCheckNodePort,
@@ -151,7 +154,11 @@ pub struct ClusterContext {
 
 /// Nodes that should receive traffic: Ready (unless `include_not_ready`), not excluded by label,
 /// not being removed by an autoscaler, matching `selector`, and with an EC2 instance id.
-pub fn eligible_nodes(nodes: &[Node], selector: &BTreeMap<String, String>, include_not_ready: bool) -> Vec<NodeTarget> {
+pub fn eligible_nodes(
+    nodes: &[Node],
+    selector: &BTreeMap<String, String>,
+    include_not_ready: bool,
+) -> Vec<NodeTarget> {
     let mut out: Vec<NodeTarget> = nodes
         .iter()
         .filter(|n| n.metadata.deletion_timestamp.is_none())
@@ -159,20 +166,27 @@ pub fn eligible_nodes(nodes: &[Node], selector: &BTreeMap<String, String>, inclu
             let labels = n.metadata.labels.as_ref();
             let has = |k: &str| labels.is_some_and(|l| l.contains_key(k));
             !has("node.kubernetes.io/exclude-from-external-load-balancers")
-                && selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+                && selector
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
         })
         .filter(|n| {
             let taints = n.spec.as_ref().and_then(|s| s.taints.as_ref());
             !taints.is_some_and(|ts| {
                 ts.iter().any(|t| {
-                    t.key == "ToBeDeletedByClusterAutoscaler" || t.key == "karpenter.sh/disrupted" || t.key == "karpenter.sh/disruption"
+                    t.key == "ToBeDeletedByClusterAutoscaler"
+                        || t.key == "karpenter.sh/disrupted"
+                        || t.key == "karpenter.sh/disruption"
                 })
             })
         })
         .filter(|n| include_not_ready || node_ready(n))
         .filter_map(|n| {
             let provider = n.spec.as_ref()?.provider_id.as_deref()?;
-            Some(NodeTarget { name: n.metadata.name.clone()?, instance_id: instance_id_from_provider_id(provider)?.to_string() })
+            Some(NodeTarget {
+                name: n.metadata.name.clone()?,
+                instance_id: instance_id_from_provider_id(provider)?.to_string(),
+            })
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -210,7 +224,10 @@ fn endpoint_targets(slices: &[EndpointSlice], port_name: &str) -> BTreeSet<Targe
         for e in s.endpoints.iter().flatten() {
             if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
                 for a in &e.addresses {
-                    out.insert(Target { id: a.clone(), port });
+                    out.insert(Target {
+                        id: a.clone(),
+                        port,
+                    });
                 }
             }
         }
@@ -234,7 +251,11 @@ fn short_hash(parts: &[&str], len: usize) -> String {
 /// `k8s-<ns:8>-<name:8>-<hash:10>`: readable, unique per hash input, ≤ 32 characters.
 fn aws_name(namespace: &str, name: &str, hash: &str) -> String {
     let part = |s: &str| {
-        let cut: String = s.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(8).collect();
+        let cut: String = s
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(8)
+            .collect();
         cut.trim_matches('-').to_string()
     };
     format!("k8s-{}-{}-{}", part(namespace), part(name), hash)
@@ -242,7 +263,11 @@ fn aws_name(namespace: &str, name: &str, hash: &str) -> String {
 
 /// The load balancer name a Service gets when the name annotation does not set one.
 pub fn load_balancer_name(cluster: &str, namespace: &str, name: &str) -> String {
-    aws_name(namespace, name, &short_hash(&[cluster, namespace, name], 10))
+    aws_name(
+        namespace,
+        name,
+        &short_hash(&[cluster, namespace, name], 10),
+    )
 }
 
 /// Builds the desired load balancer for `svc`. `nodes` are the eligible nodes (instance
@@ -254,9 +279,21 @@ pub fn desired_load_balancer(
     endpoints: &[EndpointSlice],
     cluster: &ClusterContext,
 ) -> Result<DesiredLoadBalancer, ModelError> {
-    let namespace = svc.metadata.namespace.as_deref().ok_or(ModelError::Incomplete("namespace"))?;
-    let name = svc.metadata.name.as_deref().ok_or(ModelError::Incomplete("name"))?;
-    let uid = svc.metadata.uid.as_deref().ok_or(ModelError::Incomplete("uid"))?;
+    let namespace = svc
+        .metadata
+        .namespace
+        .as_deref()
+        .ok_or(ModelError::Incomplete("namespace"))?;
+    let name = svc
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(ModelError::Incomplete("name"))?;
+    let uid = svc
+        .metadata
+        .uid
+        .as_deref()
+        .ok_or(ModelError::Incomplete("uid"))?;
     let spec = svc.spec.as_ref().ok_or(ModelError::NoPorts)?;
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() {
@@ -286,7 +323,10 @@ pub fn desired_load_balancer(
         };
         let node_port = match (opts.target_type, p.node_port) {
             (TargetType::Instance, None) => {
-                return Err(ModelError::NoNodePort { port: p.port, protocol: proto_name.into() });
+                return Err(ModelError::NoNodePort {
+                    port: p.port,
+                    protocol: proto_name.into(),
+                });
             }
             (_, np) => np.unwrap_or(0),
         };
@@ -337,13 +377,27 @@ pub fn desired_load_balancer(
         } else {
             Protocol::Tcp
         };
-        let tls = tg_protocol == Protocol::Tcp && tls_ports.as_ref().is_none_or(|ps| ps.contains(&g.number));
+        let tls = tg_protocol == Protocol::Tcp
+            && tls_ports.as_ref().is_none_or(|ps| ps.contains(&g.number));
         let listener_protocol = if tls { Protocol::Tls } else { tg_protocol };
-        let port_key = format!("{}-{}", tg_protocol.as_aws().to_ascii_lowercase().replace('_', ""), g.number);
+        let port_key = format!(
+            "{}-{}",
+            tg_protocol.as_aws().to_ascii_lowercase().replace('_', ""),
+            g.number
+        );
         let (target_port, targets) = match opts.target_type {
             TargetType::Instance => {
                 let np = *g.node_ports.iter().next().unwrap_or(&0);
-                (np, nodes.iter().map(|n| Target { id: n.instance_id.clone(), port: np }).collect())
+                (
+                    np,
+                    nodes
+                        .iter()
+                        .map(|n| Target {
+                            id: n.instance_id.clone(),
+                            port: np,
+                        })
+                        .collect(),
+                )
             }
             TargetType::Ip => {
                 let port_name = g.first.name.as_deref().unwrap_or("");
@@ -382,7 +436,11 @@ pub fn desired_load_balancer(
             port: g.number,
             protocol: listener_protocol,
             target_group: tg_name.clone(),
-            certificates: if tls { opts.ssl_certificates.clone() } else { Vec::new() },
+            certificates: if tls {
+                opts.ssl_certificates.clone()
+            } else {
+                Vec::new()
+            },
             tags: l_tags,
         });
         target_groups.push(TargetGroupSpec {
@@ -401,7 +459,10 @@ pub fn desired_load_balancer(
     let mut lb_tags = base_tags;
     lb_tags.insert(tags::RESOURCE.into(), "loadbalancer".into());
     Ok(DesiredLoadBalancer {
-        name: opts.name.clone().unwrap_or_else(|| load_balancer_name(&cluster.cluster_name, namespace, name)),
+        name: opts
+            .name
+            .clone()
+            .unwrap_or_else(|| load_balancer_name(&cluster.cluster_name, namespace, name)),
         scheme: opts.scheme,
         ip_address_type: opts.ip_address_type,
         subnets: opts.subnets.clone(),
@@ -416,7 +477,11 @@ pub fn desired_load_balancer(
 /// Health check defaults of the AWS Load Balancer Controller, overridden by annotations:
 /// TCP on the traffic port (10 s / 10 s, 3/3), or with externalTrafficPolicy Local HTTP
 /// `/healthz` on the healthCheckNodePort (10 s / 6 s, 2/2), which the node proxy answers.
-fn health_check(opts: &LoadBalancerOptions, local: bool, hc_node_port: Option<i32>) -> Result<HealthCheckSpec, ModelError> {
+fn health_check(
+    opts: &LoadBalancerOptions,
+    local: bool,
+    hc_node_port: Option<i32>,
+) -> Result<HealthCheckSpec, ModelError> {
     let o = &opts.health_check;
     let local_instance = local && opts.target_type == TargetType::Instance;
     let mut hc = if local_instance {
@@ -495,17 +560,31 @@ mod tests {
 
     fn nodes() -> Vec<NodeTarget> {
         vec![
-            NodeTarget { name: "a".into(), instance_id: "i-a".into() },
-            NodeTarget { name: "b".into(), instance_id: "i-b".into() },
+            NodeTarget {
+                name: "a".into(),
+                instance_id: "i-a".into(),
+            },
+            NodeTarget {
+                name: "b".into(),
+                instance_id: "i-b".into(),
+            },
         ]
     }
 
     fn cluster() -> ClusterContext {
-        ClusterContext { cluster_name: "prod".into() }
+        ClusterContext {
+            cluster_name: "prod".into(),
+        }
     }
 
-    fn model(spec: serde_json::Value, ann: &[(&str, &str)]) -> Result<DesiredLoadBalancer, ModelError> {
-        let a: BTreeMap<String, String> = ann.iter().map(|(k, v)| (annotations::key(k), v.to_string())).collect();
+    fn model(
+        spec: serde_json::Value,
+        ann: &[(&str, &str)],
+    ) -> Result<DesiredLoadBalancer, ModelError> {
+        let a: BTreeMap<String, String> = ann
+            .iter()
+            .map(|(k, v)| (annotations::key(k), v.to_string()))
+            .collect();
         let opts = annotations::parse(&a).unwrap();
         desired_load_balancer(&svc(spec), &opts, &nodes(), &[], &cluster())
     }
@@ -521,12 +600,24 @@ mod tests {
         .unwrap();
         assert_eq!(m.listeners.len(), 2);
         assert_eq!(m.target_groups.len(), 2);
-        let tcp = m.target_groups.iter().find(|t| t.port_key == "tcp-80").unwrap();
+        let tcp = m
+            .target_groups
+            .iter()
+            .find(|t| t.port_key == "tcp-80")
+            .unwrap();
         assert_eq!(tcp.protocol, Protocol::Tcp);
         assert_eq!(tcp.port, 30080);
-        let ids: Vec<_> = tcp.targets.iter().map(|t| (t.id.as_str(), t.port)).collect();
+        let ids: Vec<_> = tcp
+            .targets
+            .iter()
+            .map(|t| (t.id.as_str(), t.port))
+            .collect();
         assert_eq!(ids, vec![("i-a", 30080), ("i-b", 30080)]);
-        let udp = m.target_groups.iter().find(|t| t.port_key == "udp-53").unwrap();
+        let udp = m
+            .target_groups
+            .iter()
+            .find(|t| t.port_key == "udp-53")
+            .unwrap();
         assert_eq!(udp.protocol, Protocol::Udp);
         assert_eq!(m.scheme, Scheme::Internal);
         assert_eq!(m.tags[tags::CLUSTER], "prod");
@@ -534,7 +625,10 @@ mod tests {
         assert_eq!(m.tags[tags::SERVICE_UID], "uid-1");
         assert_eq!(tcp.tags[tags::PORT], "tcp-80");
         let l = m.listeners.iter().find(|l| l.port == 53).unwrap();
-        assert_eq!((l.protocol, l.target_group.as_str()), (Protocol::Udp, udp.name.as_str()));
+        assert_eq!(
+            (l.protocol, l.target_group.as_str()),
+            (Protocol::Udp, udp.name.as_str())
+        );
     }
 
     #[test]
@@ -566,15 +660,30 @@ mod tests {
         let b = model(json!({"ports": [{"port": 80, "nodePort": 30080}]}), &[]).unwrap();
         assert_eq!(a.name, b.name);
         assert_eq!(a.target_groups[0].name, b.target_groups[0].name);
-        assert!(a.name.len() <= 32 && a.name.starts_with("k8s-shop-web-"), "{}", a.name);
+        assert!(
+            a.name.len() <= 32 && a.name.starts_with("k8s-shop-web-"),
+            "{}",
+            a.name
+        );
         assert!(a.target_groups[0].name.len() <= 32);
         let moved = model(json!({"ports": [{"port": 80, "nodePort": 30081}]}), &[]).unwrap();
         assert_eq!(moved.name, a.name, "the load balancer keeps its name");
-        assert_ne!(moved.target_groups[0].name, a.target_groups[0].name, "a new nodePort is a new target group");
-        let long = load_balancer_name("c", "a-very-long-namespace-name", "an-even-longer-service-name");
+        assert_ne!(
+            moved.target_groups[0].name, a.target_groups[0].name,
+            "a new nodePort is a new target group"
+        );
+        let long = load_balancer_name(
+            "c",
+            "a-very-long-namespace-name",
+            "an-even-longer-service-name",
+        );
         assert!(long.len() <= 32, "{long}");
         assert!(!long.contains("--"), "{long}");
-        let named = model(json!({"ports": [{"port": 80, "nodePort": 30080}]}), &[("name", "custom")]).unwrap();
+        let named = model(
+            json!({"ports": [{"port": 80, "nodePort": 30080}]}),
+            &[("name", "custom")],
+        )
+        .unwrap();
         assert_eq!(named.name, "custom");
     }
 
@@ -582,7 +691,15 @@ mod tests {
     fn health_checks_follow_traffic_policy_and_annotations() {
         let cluster = model(json!({"ports": [{"port": 80, "nodePort": 30080}]}), &[]).unwrap();
         let hc = &cluster.target_groups[0].health_check;
-        assert_eq!((hc.protocol, hc.port.as_str(), hc.interval_seconds, hc.timeout_seconds), (HealthCheckProtocol::Tcp, "traffic-port", 10, 10));
+        assert_eq!(
+            (
+                hc.protocol,
+                hc.port.as_str(),
+                hc.interval_seconds,
+                hc.timeout_seconds
+            ),
+            (HealthCheckProtocol::Tcp, "traffic-port", 10, 10)
+        );
         assert_eq!((hc.healthy_threshold, hc.unhealthy_threshold), (3, 3));
 
         let local = model(
@@ -591,19 +708,46 @@ mod tests {
         )
         .unwrap();
         let hc = &local.target_groups[0].health_check;
-        assert_eq!((hc.protocol, hc.port.as_str(), hc.path.as_deref()), (HealthCheckProtocol::Http, "32000", Some("/healthz")));
-        assert_eq!((hc.interval_seconds, hc.timeout_seconds, hc.healthy_threshold, hc.unhealthy_threshold), (10, 6, 2, 2));
+        assert_eq!(
+            (hc.protocol, hc.port.as_str(), hc.path.as_deref()),
+            (HealthCheckProtocol::Http, "32000", Some("/healthz"))
+        );
+        assert_eq!(
+            (
+                hc.interval_seconds,
+                hc.timeout_seconds,
+                hc.healthy_threshold,
+                hc.unhealthy_threshold
+            ),
+            (10, 6, 2, 2)
+        );
 
-        let no_hc_port = model(json!({"externalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]}), &[]);
+        let no_hc_port = model(
+            json!({"externalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]}),
+            &[],
+        );
         assert_eq!(no_hc_port.unwrap_err(), ModelError::NoHealthCheckNodePort);
 
         let custom = model(
             json!({"ports": [{"port": 80, "nodePort": 30080}]}),
-            &[("healthcheck-protocol", "HTTP"), ("healthcheck-path", "/ok"), ("healthcheck-interval", "30"), ("healthcheck-port", "8080")],
+            &[
+                ("healthcheck-protocol", "HTTP"),
+                ("healthcheck-path", "/ok"),
+                ("healthcheck-interval", "30"),
+                ("healthcheck-port", "8080"),
+            ],
         )
         .unwrap();
         let hc = &custom.target_groups[0].health_check;
-        assert_eq!((hc.protocol, hc.port.as_str(), hc.path.as_deref(), hc.interval_seconds), (HealthCheckProtocol::Http, "8080", Some("/ok"), 30));
+        assert_eq!(
+            (
+                hc.protocol,
+                hc.port.as_str(),
+                hc.path.as_deref(),
+                hc.interval_seconds
+            ),
+            (HealthCheckProtocol::Http, "8080", Some("/ok"), 30)
+        );
         assert_eq!(hc.success_codes.as_deref(), Some("200-399"));
     }
 
@@ -615,19 +759,39 @@ mod tests {
         )
         .unwrap();
         let l443 = m.listeners.iter().find(|l| l.port == 443).unwrap();
-        assert_eq!((l443.protocol, l443.certificates.clone()), (Protocol::Tls, vec!["arn:cert".to_string()]));
+        assert_eq!(
+            (l443.protocol, l443.certificates.clone()),
+            (Protocol::Tls, vec!["arn:cert".to_string()])
+        );
         let l80 = m.listeners.iter().find(|l| l.port == 80).unwrap();
         assert_eq!((l80.protocol, l80.certificates.len()), (Protocol::Tcp, 0));
-        assert!(m.target_groups.iter().all(|t| t.attributes["proxy_protocol_v2.enabled"] == "true" && t.protocol == Protocol::Tcp));
+        assert!(
+            m.target_groups
+                .iter()
+                .all(|t| t.attributes["proxy_protocol_v2.enabled"] == "true"
+                    && t.protocol == Protocol::Tcp)
+        );
         assert!(m.target_groups.iter().all(|t| t.tags["team"] == "a"));
         assert_eq!(m.tags["team"], "a");
     }
 
     #[test]
     fn missing_node_port_and_bad_protocol_are_errors() {
-        assert!(matches!(model(json!({"ports": [{"port": 80}]}), &[]), Err(ModelError::NoNodePort { .. })));
-        assert!(matches!(model(json!({"ports": [{"port": 80, "nodePort": 1, "protocol": "SCTP"}]}), &[]), Err(ModelError::UnsupportedProtocol(_))));
-        assert_eq!(model(json!({"ports": []}), &[]).unwrap_err(), ModelError::NoPorts);
+        assert!(matches!(
+            model(json!({"ports": [{"port": 80}]}), &[]),
+            Err(ModelError::NoNodePort { .. })
+        ));
+        assert!(matches!(
+            model(
+                json!({"ports": [{"port": 80, "nodePort": 1, "protocol": "SCTP"}]}),
+                &[]
+            ),
+            Err(ModelError::UnsupportedProtocol(_))
+        ));
+        assert_eq!(
+            model(json!({"ports": []}), &[]).unwrap_err(),
+            ModelError::NoPorts
+        );
     }
 
     #[test]
@@ -642,13 +806,27 @@ mod tests {
             ]
         }))
         .unwrap();
-        let a: BTreeMap<String, String> = [(annotations::key("nlb-target-type"), "ip".to_string())].into();
+        let a: BTreeMap<String, String> =
+            [(annotations::key("nlb-target-type"), "ip".to_string())].into();
         let opts = annotations::parse(&a).unwrap();
-        let m = desired_load_balancer(&svc(json!({"ports": [{"name": "http", "port": 80, "targetPort": 8080}]})), &opts, &[], &[slice], &cluster()).unwrap();
+        let m = desired_load_balancer(
+            &svc(json!({"ports": [{"name": "http", "port": 80, "targetPort": 8080}]})),
+            &opts,
+            &[],
+            &[slice],
+            &cluster(),
+        )
+        .unwrap();
         let tg = &m.target_groups[0];
         assert_eq!(tg.target_type, TargetType::Ip);
         assert_eq!(tg.port, 8080);
-        assert_eq!(tg.targets.iter().cloned().collect::<Vec<_>>(), vec![Target { id: "10.213.9.1".into(), port: 8080 }]);
+        assert_eq!(
+            tg.targets.iter().cloned().collect::<Vec<_>>(),
+            vec![Target {
+                id: "10.213.9.1".into(),
+                port: 8080
+            }]
+        );
     }
 
     fn node(name: &str, ready: bool, labels: serde_json::Value, taints: serde_json::Value) -> Node {
@@ -665,16 +843,35 @@ mod tests {
         let ns = vec![
             node("ok", true, json!({"pool": "edge"}), json!([])),
             node("notready", false, json!({"pool": "edge"}), json!([])),
-            node("excluded", true, json!({"pool": "edge", "node.kubernetes.io/exclude-from-external-load-balancers": ""}), json!([])),
+            node(
+                "excluded",
+                true,
+                json!({"pool": "edge", "node.kubernetes.io/exclude-from-external-load-balancers": ""}),
+                json!([]),
+            ),
             node("otherpool", true, json!({"pool": "core"}), json!([])),
-            node("doomed", true, json!({"pool": "edge"}), json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}])),
+            node(
+                "doomed",
+                true,
+                json!({"pool": "edge"}),
+                json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]),
+            ),
         ];
         let sel: BTreeMap<String, String> = [("pool".to_string(), "edge".to_string())].into();
-        let names: Vec<String> = eligible_nodes(&ns, &sel, false).into_iter().map(|n| n.instance_id).collect();
+        let names: Vec<String> = eligible_nodes(&ns, &sel, false)
+            .into_iter()
+            .map(|n| n.instance_id)
+            .collect();
         assert_eq!(names, vec!["i-ok"]);
-        let all: Vec<String> = eligible_nodes(&ns, &BTreeMap::new(), true).into_iter().map(|n| n.name).collect();
+        let all: Vec<String> = eligible_nodes(&ns, &BTreeMap::new(), true)
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
         assert_eq!(all, vec!["notready", "ok", "otherpool"]);
-        assert_eq!(instance_id_from_provider_id("aws:///us-east-1a/i-123"), Some("i-123"));
+        assert_eq!(
+            instance_id_from_provider_id("aws:///us-east-1a/i-123"),
+            Some("i-123")
+        );
         assert_eq!(instance_id_from_provider_id("gce://p/z/n"), None);
     }
 }

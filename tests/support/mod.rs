@@ -133,12 +133,16 @@ impl Rig {
 
 /// Path of a tool the rig built into the cache (kubectl, helm, ...).
 pub fn tool(name: &str) -> PathBuf {
-    let cache = std::env::var("CLOUDLB_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
-        let base = std::env::var("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache"));
-        base.join("cloudlb")
-    });
+    let cache = std::env::var("CLOUDLB_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let base = std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache")
+                });
+            base.join("cloudlb")
+        });
     cache.join("bin").join(name)
 }
 
@@ -178,7 +182,9 @@ impl TestNamespace {
             "metadata": { "name": name, "labels": { "cloudlb.io/test": "true" } }
         }))
         .expect("namespace");
-        api.create(&PostParams::default(), &ns).await.expect("create namespace");
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
         TestNamespace { name, rig }
     }
 }
@@ -219,14 +225,22 @@ impl NetNs {
             "dev/netns add {name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let ip = String::from_utf8(out.stdout).expect("utf8").trim().to_string();
-        NetNs { name, ip, children: Vec::new() }
+        let ip = String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_string();
+        NetNs {
+            name,
+            ip,
+            children: Vec::new(),
+        }
     }
 
     /// A command that runs inside this namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &format!("clb-{}", self.name)]).arg(program);
+        cmd.args(["netns", "exec", &format!("clb-{}", self.name)])
+            .arg(program);
         cmd
     }
 
@@ -297,7 +311,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -310,7 +327,13 @@ pub struct TestNode {
 
 impl TestNode {
     /// Creates the Node; `provider_id` links it to an EC2 instance (`aws:///zone/i-…`).
-    pub async fn new(rig: &'static Rig, prefix: &str, ip: &str, provider_id: Option<&str>, labels: serde_json::Value) -> TestNode {
+    pub async fn new(
+        rig: &'static Rig,
+        prefix: &str,
+        ip: &str,
+        provider_id: Option<&str>,
+        labels: serde_json::Value,
+    ) -> TestNode {
         use k8s_openapi::api::core::v1::Node;
         let name = unique(prefix);
         let api: Api<Node> = Api::all(rig.client().await);
@@ -323,7 +346,9 @@ impl TestNode {
             "spec": spec,
         }))
         .expect("node");
-        api.create(&PostParams::default(), &node).await.expect("create node");
+        api.create(&PostParams::default(), &node)
+            .await
+            .expect("create node");
         let node = TestNode { name, rig };
         node.set_ready(true, ip).await;
         node
@@ -338,16 +363,22 @@ impl TestNode {
             "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}, "reason": "Rig",
                             "lastHeartbeatTime": null, "lastTransitionTime": null}]
         }});
-        api.patch_status(&self.name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status))
-            .await
-            .expect("patch node status");
+        api.patch_status(
+            &self.name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&status),
+        )
+        .await
+        .expect("patch node status");
     }
 }
 
 impl Drop for TestNode {
     fn drop(&mut self) {
         if std::env::var_os("CLOUDLB_KEEP").is_none() {
-            let _ = self.rig.kubectl_output(&["delete", "node", &self.name, "--wait=false"]);
+            let _ = self
+                .rig
+                .kubectl_output(&["delete", "node", &self.name, "--wait=false"]);
         }
     }
 }
