@@ -2,8 +2,10 @@
 //! node proxy for the NodePort-to-pod leg. The binary in `main.rs` only wires these modules.
 
 pub mod annotations;
+pub mod cloud;
 pub mod controller;
 pub mod crd;
+pub mod metrics;
 pub mod model;
 pub mod proxy;
 pub mod telemetry;

@@ -31,6 +31,8 @@ enum Command {
     NodeProxy(cloudlb::proxy::NodeProxyArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
+    /// Print the cloud changes the controller would make now, changing nothing.
+    Plan(cloudlb::controller::plan_cmd::PlanArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +41,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Controller(args) => runtime()?.block_on(cloudlb::controller::run(args)),
         Command::NodeProxy(args) => runtime()?.block_on(cloudlb::proxy::run(args)),
+        Command::Plan(args) => runtime()?.block_on(cloudlb::controller::plan_cmd::run(args)),
         Command::Crdgen => {
             for crd in cloudlb::crd::all() {
                 print!("---\n{}", serde_yaml_ng::to_string(&crd)?);

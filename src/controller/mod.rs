@@ -1,10 +1,397 @@
 //! The Service controller: Services of type LoadBalancer → NLBs, targets, status and Events.
+//!
+//! `run` wires the pieces: kube client, AWS client, admin server, leader lease, the reflectors
+//! (Services, Nodes, EndpointSlices) and the kube-runtime Controller that calls
+//! [`service::reconcile`] per Service key.
+
+pub mod leader;
+pub mod orphans;
+pub mod plan_cmd;
+pub mod service;
+pub mod status;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::cloud::aws::{AwsCloud, Ownership, RateLimits};
+use crate::metrics::{self, ControllerMetrics};
+
+/// Settings shared by `controller` and `plan`: which cluster and which Services are ours.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// Name of this cluster; tagged on every AWS resource, which is how ownership is decided.
+    #[arg(long, env = "CLOUDLB_CLUSTER_NAME")]
+    pub cluster_name: String,
+    /// spec.loadBalancerClass this controller serves.
+    #[arg(
+        long,
+        env = "CLOUDLB_LOAD_BALANCER_CLASS",
+        default_value = "cloudlb.io/nlb"
+    )]
+    pub load_balancer_class: String,
+    /// Also serve LoadBalancer Services without a loadBalancerClass (this controller is the
+    /// cluster's default load balancer implementation).
+    #[arg(long, env = "CLOUDLB_DEFAULT_CLASS")]
+    pub default_class: bool,
+    /// AWS region (else the standard AWS config chain: AWS_REGION, profile, IMDS).
+    #[arg(long, env = "CLOUDLB_REGION")]
+    pub region: Option<String>,
+    /// Keep NotReady nodes registered and leave failing nodes to the health checks, as the
+    /// Kubernetes service controller does since 1.30. Default: NotReady nodes are deregistered.
+    #[arg(long, env = "CLOUDLB_KEEP_NOT_READY_NODES")]
+    pub keep_not_ready_nodes: bool,
+    /// Only nodes with all of these labels (`key=value,…`) are ever targets, for every Service
+    /// (the target-node-labels annotation narrows it further per Service).
+    #[arg(long, env = "CLOUDLB_NODE_SELECTOR", value_parser = parse_labels, default_value = "")]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+}
+
+fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("{p:?} is not key=value")),
+        })
+        .collect()
+}
 
 /// Command-line settings of `cloudlb controller`.
 #[derive(Clone, Debug, clap::Args)]
-pub struct ControllerArgs {}
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Address of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "CLOUDLB_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Services reconciled at once.
+    #[arg(long, env = "CLOUDLB_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: u16,
+    /// Seconds between full drift checks of a Service against AWS when nothing changed.
+    #[arg(long, env = "CLOUDLB_RESYNC_SECONDS", default_value_t = 600)]
+    pub resync_seconds: u64,
+    /// Take a coordination.k8s.io Lease and reconcile only while holding it.
+    #[arg(long, env = "CLOUDLB_LEADER_ELECT")]
+    pub leader_elect: bool,
+    #[arg(long, env = "CLOUDLB_LEASE_NAME", default_value = "cloudlb-controller")]
+    pub lease_name: String,
+    /// Namespace of the lease (default: the POD_NAMESPACE, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the lease (default: POD_NAME, else hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    #[arg(long, env = "CLOUDLB_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// Client-side AWS rate limit (calls per second) for everything but target registration.
+    #[arg(long, env = "CLOUDLB_AWS_QPS", default_value_t = 10.0)]
+    pub aws_qps: f64,
+    #[arg(long, env = "CLOUDLB_AWS_BURST", default_value_t = 40)]
+    pub aws_burst: u32,
+    /// Client-side AWS rate limit for RegisterTargets / DeregisterTargets.
+    #[arg(long, env = "CLOUDLB_AWS_TARGETS_QPS", default_value_t = 4.0)]
+    pub aws_targets_qps: f64,
+    #[arg(long, env = "CLOUDLB_AWS_TARGETS_BURST", default_value_t = 20)]
+    pub aws_targets_burst: u32,
+    /// Delete resources tagged for this cluster whose Service no longer exists.
+    #[arg(long, env = "CLOUDLB_ORPHAN_SWEEP")]
+    pub orphan_sweep: bool,
+    /// How often the orphan sweep lists the account.
+    #[arg(
+        long,
+        env = "CLOUDLB_ORPHAN_SWEEP_INTERVAL_SECONDS",
+        default_value_t = 300
+    )]
+    pub orphan_sweep_interval_seconds: u64,
+    /// How long an orphan must stay orphaned before it is deleted.
+    #[arg(long, env = "CLOUDLB_ORPHAN_GRACE_SECONDS", default_value_t = 600)]
+    pub orphan_grace_seconds: u64,
+}
+
+/// The finalizer that guarantees teardown before a Service disappears.
+pub const FINALIZER: &str = "cloudlb.io/load-balancer-cleanup";
+/// Name of this controller in Events and field managers.
+pub const MANAGER: &str = "cloudlb-controller";
+
+/// Everything a reconcile needs; built once.
+pub struct Context {
+    pub client: Client,
+    pub cloud: AwsCloud,
+    pub recorder: Recorder,
+    pub metrics: ControllerMetrics,
+    pub cluster: ClusterArgs,
+    pub nodes: Store<Node>,
+    pub slices: Store<EndpointSlice>,
+    pub resync: Duration,
+    /// Per Service: the hash of the last desired state fully applied, and when.
+    pub applied: Mutex<HashMap<ObjectRef<Service>, service::Applied>>,
+    /// Per Service: consecutive failures (for the 5 s → 300 s backoff).
+    pub failures: Mutex<HashMap<ObjectRef<Service>, u32>>,
+}
+
+/// Loads the AWS configuration from the standard chain (env, profile, web identity, IMDS);
+/// `AWS_ENDPOINT_URL` points it at LocalStack.
+pub async fn aws_config(region: Option<&str>) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r.to_string()));
+    }
+    loader.load().await
+}
 
 /// Runs the controller until SIGTERM/SIGINT.
-pub async fn run(_args: ControllerArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let sdk = aws_config(args.cluster.region.as_deref()).await;
+    let metrics = ControllerMetrics::new();
+    let shutdown = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    let admin = tokio::spawn(metrics::serve(
+        args.metrics_addr,
+        metrics.registry(),
+        ready.clone(),
+        shutdown.clone(),
+    ));
+
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let lease = if args.leader_elect {
+        let lease = leader::Lease::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            Duration::from_secs(args.lease_duration_seconds),
+        );
+        tracing::info!(%identity, lease = %args.lease_name, "waiting for the leader lease");
+        tokio::select! {
+            r = lease.acquire() => r?,
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        metrics.leader.set(1);
+        tracing::info!(%identity, "became leader");
+        let lost = CancellationToken::new();
+        tokio::spawn(lease.clone().keep(lost.clone(), shutdown.clone()));
+        Some((lease, lost))
+    } else {
+        None
+    };
+
+    let cloud = AwsCloud::new(
+        &sdk,
+        Ownership {
+            cluster: args.cluster.cluster_name.clone(),
+        },
+        metrics.clone(),
+        RateLimits {
+            qps: args.aws_qps,
+            burst: args.aws_burst,
+            targets_qps: args.aws_targets_qps,
+            targets_burst: args.aws_targets_burst,
+        },
+    );
+
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        cloud,
+        recorder,
+        metrics: metrics.clone(),
+        cluster: args.cluster.clone(),
+        nodes: nodes.clone(),
+        slices: slices.clone(),
+        resync: Duration::from_secs(args.resync_seconds),
+        applied: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    // Nodes: only changes that can move targets wake Services (not status heartbeats).
+    let mut node_hashes: HashMap<String, u64> = HashMap::new();
+    let node_stream = reflector::reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .filter_map(move |ev| {
+        let out = match ev {
+            Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+                let h = node_relevance(&n);
+                (node_hashes.insert(n.name_any(), h) != Some(h)).then_some(Ok(n))
+            }
+            Ok(watcher::Event::Delete(n)) => {
+                node_hashes.remove(&n.name_any());
+                Some(Ok(n))
+            }
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        };
+        futures::future::ready(out)
+    });
+    let slice_stream = reflector::reflector(
+        slice_writer,
+        watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .touched_objects();
+
+    let services: Api<Service> = Api::all(client.clone());
+    let controller = Controller::new(services, watcher::Config::default()).with_config(
+        ControllerConfig::default()
+            .concurrency(args.concurrency)
+            .debounce(Duration::from_millis(200)),
+    );
+    let service_store = controller.store();
+    let svc_store_for_nodes = service_store.clone();
+    let svc_store_for_slices = service_store.clone();
+    let cluster_for_nodes = args.cluster.clone();
+    let cluster_for_slices = args.cluster.clone();
+
+    {
+        let ready = ready.clone();
+        let (n, s, sv) = (nodes.clone(), slices.clone(), service_store.clone());
+        tokio::spawn(async move {
+            let _ = tokio::join!(
+                n.wait_until_ready(),
+                s.wait_until_ready(),
+                sv.wait_until_ready()
+            );
+            ready.store(true, Ordering::Relaxed);
+            tracing::info!("caches synced; ready");
+        });
+    }
+
+    if args.orphan_sweep {
+        tokio::spawn(orphans::sweep_loop(
+            ctx.clone(),
+            service_store.clone(),
+            Duration::from_secs(args.orphan_sweep_interval_seconds),
+            Duration::from_secs(args.orphan_grace_seconds),
+            shutdown.clone(),
+        ));
+    }
+
+    let stop = {
+        let shutdown = shutdown.clone();
+        let lost = lease.as_ref().map(|(_, l)| l.clone());
+        async move {
+            match lost {
+                Some(lost) => {
+                    tokio::select! { _ = shutdown.cancelled() => {}, _ = lost.cancelled() => {} }
+                }
+                None => shutdown.cancelled().await,
+            }
+        }
+    };
+
+    controller
+        .watches_stream(node_stream, move |node: Node| {
+            // A relevant node change may move targets of every instance-target Service we serve.
+            let _ = node;
+            svc_store_for_nodes
+                .state()
+                .into_iter()
+                .filter(|s| service::is_ours(s, &cluster_for_nodes))
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(slice_stream, move |slice: EndpointSlice| {
+            // Endpoint changes matter only to ip-target Services.
+            let ns = slice.namespace().unwrap_or_default();
+            let name = slice.labels().get("kubernetes.io/service-name").cloned();
+            name.and_then(|n| svc_store_for_slices.get(&ObjectRef::new(&n).within(&ns)))
+                .filter(|s| service::is_ours(s, &cluster_for_slices) && service::uses_ip_targets(s))
+                .map(|s| ObjectRef::from_obj(&*s))
+        })
+        .graceful_shutdown_on(stop)
+        .run(service::reconcile, service::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile stream error");
+            }
+        })
+        .await;
+
+    metrics.leader.set(0);
+    if let Some((lease, lost)) = lease {
+        if lost.is_cancelled() {
+            tracing::error!("lost the leader lease; exiting so a fresh replica can take over");
+            shutdown.cancel();
+            let _ = admin.await;
+            anyhow::bail!("lost the leader lease");
+        }
+        lease.release().await;
+    }
+    shutdown.cancel();
+    let _ = admin.await;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// The part of a Node that decides whether (and where) it receives traffic.
+fn node_relevance(n: &Node) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    n.metadata.labels.hash(&mut h);
+    n.metadata.deletion_timestamp.is_some().hash(&mut h);
+    n.spec
+        .as_ref()
+        .and_then(|s| s.provider_id.clone())
+        .hash(&mut h);
+    if let Some(ts) = n.spec.as_ref().and_then(|s| s.taints.as_ref()) {
+        for t in ts {
+            t.key.hash(&mut h);
+            t.effect.hash(&mut h);
+        }
+    }
+    crate::model::node_ready(n).hash(&mut h);
+    h.finish()
+}
+
+async fn shutdown_on_signal(token: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutdown requested");
+    token.cancel();
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "cloudlb".into())
 }

@@ -2,6 +2,8 @@
 //! Kubernetes namespace, AWS name prefix and network namespaces, and clean up after it.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod cloud;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;

@@ -1,0 +1,664 @@
+//! Observed vs desired → the ordered list of cloud changes. Pure: no I/O, fully unit-tested.
+//!
+//! Order matters for zero-downtime updates: target groups are created and new targets registered
+//! before any listener moves to them, and old targets are deregistered, stale listeners removed
+//! and stale target groups deleted only after that. Deletion runs in reverse.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::annotations::IpAddressType;
+use crate::model::{DesiredLoadBalancer, HealthCheckSpec, ListenerSpec, Target, TargetGroupSpec};
+
+/// A load balancer as read from the cloud (only ones we own get this far).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedLoadBalancer {
+    pub arn: String,
+    pub name: String,
+    pub dns_name: String,
+    pub scheme: String,
+    pub ip_address_type: String,
+    pub attributes: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub listeners: Vec<ObservedListener>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedListener {
+    pub arn: String,
+    pub port: i32,
+    pub protocol: String,
+    pub target_group_arn: Option<String>,
+    pub certificates: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedTargetGroup {
+    pub arn: String,
+    pub name: String,
+    pub protocol: String,
+    pub port: i32,
+    pub health_check: HealthCheckSpec,
+    pub attributes: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub targets: BTreeSet<Target>,
+}
+
+/// Everything one Service owns in the cloud right now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObservedStack {
+    pub load_balancer: Option<ObservedLoadBalancer>,
+    pub target_groups: Vec<ObservedTargetGroup>,
+}
+
+/// A target group named by its ARN (exists) or by its name (created earlier in the same plan).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetGroupRef {
+    Arn(String),
+    Planned(String),
+}
+
+/// A load balancer that exists (ARN) or is created earlier in the same plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadBalancerRef {
+    Arn(String),
+    Planned,
+}
+
+/// One cloud write. Applied strictly in order; a failure stops the plan (the next reconcile
+/// observes again and plans what is left).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    CreateTargetGroup(TargetGroupSpec),
+    ModifyTargetGroupHealthCheck {
+        target_group: TargetGroupRef,
+        health_check: HealthCheckSpec,
+    },
+    ModifyTargetGroupAttributes {
+        target_group: TargetGroupRef,
+        attributes: BTreeMap<String, String>,
+    },
+    RegisterTargets {
+        target_group: TargetGroupRef,
+        targets: Vec<Target>,
+    },
+    CreateLoadBalancer(Box<DesiredLoadBalancer>),
+    SetIpAddressType {
+        load_balancer: String,
+        ip_address_type: IpAddressType,
+    },
+    ModifyLoadBalancerAttributes {
+        load_balancer: LoadBalancerRef,
+        attributes: BTreeMap<String, String>,
+    },
+    AddTags {
+        arn: String,
+        tags: BTreeMap<String, String>,
+    },
+    CreateListener {
+        load_balancer: LoadBalancerRef,
+        listener: ListenerSpec,
+    },
+    ModifyListener {
+        arn: String,
+        listener: ListenerSpec,
+    },
+    DeregisterTargets {
+        target_group: String,
+        targets: Vec<Target>,
+    },
+    DeleteListener {
+        arn: String,
+        port: i32,
+    },
+    DeleteLoadBalancer {
+        arn: String,
+        name: String,
+    },
+    DeleteTargetGroup {
+        arn: String,
+        name: String,
+    },
+}
+
+impl Change {
+    /// Short operation name, for logs, metrics and `cloudlb plan`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::CreateTargetGroup(_) => "CreateTargetGroup",
+            Change::ModifyTargetGroupHealthCheck { .. } => "ModifyTargetGroup",
+            Change::ModifyTargetGroupAttributes { .. } => "ModifyTargetGroupAttributes",
+            Change::RegisterTargets { .. } => "RegisterTargets",
+            Change::CreateLoadBalancer(_) => "CreateLoadBalancer",
+            Change::SetIpAddressType { .. } => "SetIpAddressType",
+            Change::ModifyLoadBalancerAttributes { .. } => "ModifyLoadBalancerAttributes",
+            Change::AddTags { .. } => "AddTags",
+            Change::CreateListener { .. } => "CreateListener",
+            Change::ModifyListener { .. } => "ModifyListener",
+            Change::DeregisterTargets { .. } => "DeregisterTargets",
+            Change::DeleteListener { .. } => "DeleteListener",
+            Change::DeleteLoadBalancer { .. } => "DeleteLoadBalancer",
+            Change::DeleteTargetGroup { .. } => "DeleteTargetGroup",
+        }
+    }
+}
+
+impl fmt::Display for TargetGroupRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetGroupRef::Arn(a) => write!(f, "{a}"),
+            TargetGroupRef::Planned(n) => write!(f, "(new) {n}"),
+        }
+    }
+}
+
+fn targets_text(ts: &[Target]) -> String {
+    ts.iter()
+        .map(|t| format!("{}:{}", t.id, t.port))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let k = self.kind();
+        match self {
+            Change::CreateTargetGroup(tg) => {
+                write!(
+                    f,
+                    "{k} {} {}:{} ({})",
+                    tg.name,
+                    tg.protocol.as_aws(),
+                    tg.port,
+                    tg.target_type.as_aws()
+                )
+            }
+            Change::ModifyTargetGroupHealthCheck {
+                target_group,
+                health_check: h,
+            } => write!(
+                f,
+                "{k} {target_group} health check {} port {} path {} every {}s",
+                h.protocol.as_aws(),
+                h.port,
+                h.path.as_deref().unwrap_or("-"),
+                h.interval_seconds
+            ),
+            Change::ModifyTargetGroupAttributes {
+                target_group,
+                attributes,
+            } => {
+                write!(f, "{k} {target_group} {attributes:?}")
+            }
+            Change::RegisterTargets {
+                target_group,
+                targets,
+            } => {
+                write!(f, "{k} {target_group} [{}]", targets_text(targets))
+            }
+            Change::CreateLoadBalancer(lb) => write!(f, "{k} {} ({})", lb.name, lb.scheme.as_aws()),
+            Change::SetIpAddressType {
+                load_balancer,
+                ip_address_type,
+            } => {
+                write!(f, "{k} {load_balancer} {}", ip_address_type.as_aws())
+            }
+            Change::ModifyLoadBalancerAttributes { attributes, .. } => {
+                write!(f, "{k} {attributes:?}")
+            }
+            Change::AddTags { arn, tags } => write!(f, "{k} {arn} {tags:?}"),
+            Change::CreateListener { listener: l, .. } => {
+                write!(
+                    f,
+                    "{k} {}:{} → {}",
+                    l.protocol.as_aws(),
+                    l.port,
+                    l.target_group
+                )
+            }
+            Change::ModifyListener { listener: l, .. } => {
+                write!(
+                    f,
+                    "{k} {}:{} → {}",
+                    l.protocol.as_aws(),
+                    l.port,
+                    l.target_group
+                )
+            }
+            Change::DeregisterTargets {
+                target_group,
+                targets,
+            } => {
+                write!(f, "{k} {target_group} [{}]", targets_text(targets))
+            }
+            Change::DeleteListener { port, .. } => write!(f, "{k} port {port}"),
+            Change::DeleteLoadBalancer { name, .. } => write!(f, "{k} {name}"),
+            Change::DeleteTargetGroup { name, .. } => write!(f, "{k} {name}"),
+        }
+    }
+}
+
+/// The changes that take `observed` to `desired` (`None`: delete everything observed).
+pub fn plan(desired: Option<&DesiredLoadBalancer>, observed: &ObservedStack) -> Vec<Change> {
+    match desired {
+        None => plan_teardown(observed),
+        Some(d) => plan_apply(d, observed),
+    }
+}
+
+fn plan_teardown(observed: &ObservedStack) -> Vec<Change> {
+    let mut out = Vec::new();
+    if let Some(lb) = &observed.load_balancer {
+        // Deleting the load balancer deletes its listeners with it.
+        out.push(Change::DeleteLoadBalancer {
+            arn: lb.arn.clone(),
+            name: lb.name.clone(),
+        });
+    }
+    for tg in &observed.target_groups {
+        out.push(Change::DeleteTargetGroup {
+            arn: tg.arn.clone(),
+            name: tg.name.clone(),
+        });
+    }
+    out
+}
+
+fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> {
+    let mut early = Vec::new(); // target groups and registrations: before traffic moves
+    let mut middle = Vec::new(); // load balancer and listeners
+    let mut late = Vec::new(); // deregistrations and deletions: after traffic moved
+
+    let observed_tgs: BTreeMap<&str, &ObservedTargetGroup> = observed
+        .target_groups
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut tg_refs: BTreeMap<&str, TargetGroupRef> = BTreeMap::new();
+
+    for tg in &d.target_groups {
+        match observed_tgs.get(tg.name.as_str()) {
+            None => {
+                let r = TargetGroupRef::Planned(tg.name.clone());
+                early.push(Change::CreateTargetGroup(tg.clone()));
+                if !tg.targets.is_empty() {
+                    early.push(Change::RegisterTargets {
+                        target_group: r.clone(),
+                        targets: tg.targets.iter().cloned().collect(),
+                    });
+                }
+                tg_refs.insert(&tg.name, r);
+            }
+            Some(o) => {
+                let r = TargetGroupRef::Arn(o.arn.clone());
+                if o.health_check != tg.health_check {
+                    early.push(Change::ModifyTargetGroupHealthCheck {
+                        target_group: r.clone(),
+                        health_check: tg.health_check.clone(),
+                    });
+                }
+                let attrs = changed_entries(&tg.attributes, &o.attributes);
+                if !attrs.is_empty() {
+                    early.push(Change::ModifyTargetGroupAttributes {
+                        target_group: r.clone(),
+                        attributes: attrs,
+                    });
+                }
+                let tags = changed_entries(&tg.tags, &o.tags);
+                if !tags.is_empty() {
+                    early.push(Change::AddTags {
+                        arn: o.arn.clone(),
+                        tags,
+                    });
+                }
+                let add: Vec<Target> = tg.targets.difference(&o.targets).cloned().collect();
+                if !add.is_empty() {
+                    early.push(Change::RegisterTargets {
+                        target_group: r.clone(),
+                        targets: add,
+                    });
+                }
+                let remove: Vec<Target> = o.targets.difference(&tg.targets).cloned().collect();
+                if !remove.is_empty() {
+                    late.push(Change::DeregisterTargets {
+                        target_group: o.arn.clone(),
+                        targets: remove,
+                    });
+                }
+                tg_refs.insert(&tg.name, r);
+            }
+        }
+    }
+
+    // The load balancer: scheme is immutable, so a scheme change replaces it.
+    let existing = observed
+        .load_balancer
+        .as_ref()
+        .filter(|lb| lb.scheme == d.scheme.as_aws());
+    let lb_ref = match (existing, &observed.load_balancer) {
+        (Some(lb), _) => {
+            if lb.ip_address_type != d.ip_address_type.as_aws() {
+                middle.push(Change::SetIpAddressType {
+                    load_balancer: lb.arn.clone(),
+                    ip_address_type: d.ip_address_type,
+                });
+            }
+            let attrs = changed_entries(&d.attributes, &lb.attributes);
+            if !attrs.is_empty() {
+                middle.push(Change::ModifyLoadBalancerAttributes {
+                    load_balancer: LoadBalancerRef::Arn(lb.arn.clone()),
+                    attributes: attrs,
+                });
+            }
+            let tags = changed_entries(&d.tags, &lb.tags);
+            if !tags.is_empty() {
+                middle.push(Change::AddTags {
+                    arn: lb.arn.clone(),
+                    tags,
+                });
+            }
+            LoadBalancerRef::Arn(lb.arn.clone())
+        }
+        (None, replaced) => {
+            if let Some(old) = replaced {
+                middle.push(Change::DeleteLoadBalancer {
+                    arn: old.arn.clone(),
+                    name: old.name.clone(),
+                });
+            }
+            middle.push(Change::CreateLoadBalancer(Box::new(d.clone())));
+            if !d.attributes.is_empty() {
+                middle.push(Change::ModifyLoadBalancerAttributes {
+                    load_balancer: LoadBalancerRef::Planned,
+                    attributes: d.attributes.clone(),
+                });
+            }
+            LoadBalancerRef::Planned
+        }
+    };
+
+    let observed_listeners: BTreeMap<i32, &ObservedListener> = match (&lb_ref, existing) {
+        (LoadBalancerRef::Arn(_), Some(lb)) => lb.listeners.iter().map(|l| (l.port, l)).collect(),
+        _ => BTreeMap::new(),
+    };
+    let arn_of = |name: &str| match tg_refs.get(name) {
+        Some(TargetGroupRef::Arn(a)) => Some(a.clone()),
+        _ => None,
+    };
+    for l in &d.listeners {
+        match observed_listeners.get(&l.port) {
+            None => middle.push(Change::CreateListener {
+                load_balancer: lb_ref.clone(),
+                listener: l.clone(),
+            }),
+            Some(o) => {
+                let same_tg =
+                    o.target_group_arn.is_some() && o.target_group_arn == arn_of(&l.target_group);
+                if !same_tg || o.protocol != l.protocol.as_aws() || o.certificates != l.certificates
+                {
+                    middle.push(Change::ModifyListener {
+                        arn: o.arn.clone(),
+                        listener: l.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let desired_ports: BTreeSet<i32> = d.listeners.iter().map(|l| l.port).collect();
+    for (port, o) in &observed_listeners {
+        if !desired_ports.contains(port) {
+            late.push(Change::DeleteListener {
+                arn: o.arn.clone(),
+                port: *port,
+            });
+        }
+    }
+    let desired_names: BTreeSet<&str> = d.target_groups.iter().map(|t| t.name.as_str()).collect();
+    for o in &observed.target_groups {
+        if !desired_names.contains(o.name.as_str()) {
+            late.push(Change::DeleteTargetGroup {
+                arn: o.arn.clone(),
+                name: o.name.clone(),
+            });
+        }
+    }
+
+    early.extend(middle);
+    early.extend(late);
+    early
+}
+
+/// Entries of `desired` whose value differs from (or is missing in) `observed`.
+fn changed_entries(
+    desired: &BTreeMap<String, String>,
+    observed: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    desired
+        .iter()
+        .filter(|(k, v)| observed.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::{self, Scheme, TargetType};
+    use crate::model::{self, ClusterContext, NodeTarget};
+    use serde_json::json;
+
+    fn desired(node_port: i32, nodes: &[&str]) -> DesiredLoadBalancer {
+        let svc = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u1"},
+            "spec": {"ports": [{"port": 80, "nodePort": node_port}]}
+        }))
+        .unwrap();
+        let nodes: Vec<NodeTarget> = nodes
+            .iter()
+            .map(|n| NodeTarget {
+                name: n.to_string(),
+                instance_id: format!("i-{n}"),
+            })
+            .collect();
+        model::desired_load_balancer(
+            &svc,
+            &annotations::parse(&BTreeMap::new()).unwrap(),
+            &nodes,
+            &[],
+            &ClusterContext {
+                cluster_name: "c".into(),
+            },
+        )
+        .unwrap()
+    }
+
+    /// What the cloud would hold after `d` was fully applied.
+    fn observed_from(d: &DesiredLoadBalancer) -> ObservedStack {
+        let tgs: Vec<ObservedTargetGroup> = d
+            .target_groups
+            .iter()
+            .map(|t| ObservedTargetGroup {
+                arn: format!("arn:tg/{}", t.name),
+                name: t.name.clone(),
+                protocol: t.protocol.as_aws().into(),
+                port: t.port,
+                health_check: t.health_check.clone(),
+                attributes: [(
+                    "deregistration_delay.timeout_seconds".to_string(),
+                    "300".to_string(),
+                )]
+                .into_iter()
+                .chain(t.attributes.clone())
+                .collect(),
+                tags: t.tags.clone(),
+                targets: t.targets.clone(),
+            })
+            .collect();
+        ObservedStack {
+            load_balancer: Some(ObservedLoadBalancer {
+                arn: "arn:lb".into(),
+                name: d.name.clone(),
+                dns_name: format!("{}-1.elb", d.name),
+                scheme: d.scheme.as_aws().into(),
+                ip_address_type: d.ip_address_type.as_aws().into(),
+                attributes: d.attributes.clone(),
+                tags: d.tags.clone(),
+                listeners: d
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| ObservedListener {
+                        arn: format!("arn:l/{i}"),
+                        port: l.port,
+                        protocol: l.protocol.as_aws().into(),
+                        target_group_arn: Some(format!("arn:tg/{}", l.target_group)),
+                        certificates: l.certificates.clone(),
+                    })
+                    .collect(),
+            }),
+            target_groups: tgs,
+        }
+    }
+
+    fn kinds(cs: &[Change]) -> Vec<&'static str> {
+        cs.iter().map(Change::kind).collect()
+    }
+
+    #[test]
+    fn create_from_nothing_orders_target_groups_first() {
+        let d = desired(30080, &["a", "b"]);
+        let cs = plan(Some(&d), &ObservedStack::default());
+        assert_eq!(
+            kinds(&cs),
+            vec![
+                "CreateTargetGroup",
+                "RegisterTargets",
+                "CreateLoadBalancer",
+                "CreateListener"
+            ]
+        );
+    }
+
+    #[test]
+    fn applied_state_plans_nothing() {
+        let d = desired(30080, &["a", "b"]);
+        assert_eq!(plan(Some(&d), &observed_from(&d)), vec![]);
+    }
+
+    #[test]
+    fn node_changes_register_before_deregister() {
+        let before = desired(30080, &["a", "b"]);
+        let after = desired(30080, &["b", "c"]);
+        let cs = plan(Some(&after), &observed_from(&before));
+        assert_eq!(kinds(&cs), vec!["RegisterTargets", "DeregisterTargets"]);
+        match (&cs[0], &cs[1]) {
+            (
+                Change::RegisterTargets { targets: add, .. },
+                Change::DeregisterTargets { targets: rm, .. },
+            ) => {
+                assert_eq!(
+                    add,
+                    &vec![Target {
+                        id: "i-c".into(),
+                        port: 30080
+                    }]
+                );
+                assert_eq!(
+                    rm,
+                    &vec![Target {
+                        id: "i-a".into(),
+                        port: 30080
+                    }]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn node_port_change_moves_the_listener_to_a_new_target_group() {
+        let before = desired(30080, &["a"]);
+        let after = desired(30090, &["a"]);
+        let cs = plan(Some(&after), &observed_from(&before));
+        assert_eq!(
+            kinds(&cs),
+            vec![
+                "CreateTargetGroup",
+                "RegisterTargets",
+                "ModifyListener",
+                "DeleteTargetGroup"
+            ]
+        );
+    }
+
+    #[test]
+    fn removed_port_deletes_listener_then_target_group() {
+        let mut before = desired(30080, &["a"]);
+        let extra = desired(30081, &["a"]);
+        let mut l = extra.listeners[0].clone();
+        l.port = 81;
+        before.listeners.push(l);
+        before.target_groups.push(extra.target_groups[0].clone());
+        let after = desired(30080, &["a"]);
+        let cs = plan(Some(&after), &observed_from(&before));
+        assert_eq!(kinds(&cs), vec!["DeleteListener", "DeleteTargetGroup"]);
+    }
+
+    #[test]
+    fn health_check_attribute_and_tag_drift_is_repaired_in_place() {
+        let d = desired(30080, &["a"]);
+        let mut o = observed_from(&d);
+        o.target_groups[0].health_check.interval_seconds = 30;
+        o.target_groups[0].tags.remove(model::tags::SERVICE_UID);
+        let mut d2 = d.clone();
+        d2.target_groups[0]
+            .attributes
+            .insert("proxy_protocol_v2.enabled".into(), "true".into());
+        d2.attributes
+            .insert("load_balancing.cross_zone.enabled".into(), "true".into());
+        let cs = plan(Some(&d2), &o);
+        assert_eq!(
+            kinds(&cs),
+            vec![
+                "ModifyTargetGroup",
+                "ModifyTargetGroupAttributes",
+                "AddTags",
+                "ModifyLoadBalancerAttributes"
+            ]
+        );
+    }
+
+    #[test]
+    fn scheme_change_replaces_the_load_balancer() {
+        let d = desired(30080, &["a"]);
+        let o = observed_from(&d);
+        let mut d2 = d.clone();
+        d2.scheme = Scheme::InternetFacing;
+        let cs = plan(Some(&d2), &o);
+        assert_eq!(
+            kinds(&cs),
+            vec!["DeleteLoadBalancer", "CreateLoadBalancer", "CreateListener"]
+        );
+    }
+
+    #[test]
+    fn teardown_deletes_load_balancer_then_target_groups() {
+        let d = desired(30080, &["a"]);
+        let cs = plan(None, &observed_from(&d));
+        assert_eq!(kinds(&cs), vec!["DeleteLoadBalancer", "DeleteTargetGroup"]);
+        assert_eq!(plan(None, &ObservedStack::default()), vec![]);
+    }
+
+    #[test]
+    fn target_type_is_part_of_the_plan_text() {
+        let d = desired(30080, &["a"]);
+        let cs = plan(Some(&d), &ObservedStack::default());
+        assert!(
+            cs[0]
+                .to_string()
+                .contains(&format!("TCP:30080 ({})", TargetType::Instance.as_aws())),
+            "{}",
+            cs[0]
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! Controller metrics (Prometheus text format) and the admin HTTP server: `/metrics`,
+//! `/healthz` (the process is alive) and `/readyz` (it can do its job: caches synced).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AwsCallLabels {
+    pub operation: &'static str,
+    /// `ok`, `throttled`, `server_error`, `client_error` or `network_error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Every metric the controller exports; cheap to clone (all handles are shared).
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    pub aws_calls: Family<AwsCallLabels, Counter>,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_seconds: Histogram,
+    pub managed_load_balancers: Gauge,
+    pub orphans_deleted: Counter,
+    pub leader: Gauge,
+    registry: Arc<Registry>,
+}
+
+impl ControllerMetrics {
+    pub fn new() -> ControllerMetrics {
+        let mut r = Registry::with_prefix("cloudlb");
+        let aws_calls = Family::<AwsCallLabels, Counter>::default();
+        r.register(
+            "aws_api_calls",
+            "AWS API calls by operation and outcome",
+            aws_calls.clone(),
+        );
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        r.register(
+            "reconciles",
+            "Service reconciles by result",
+            reconciles.clone(),
+        );
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        r.register(
+            "reconcile_duration_seconds",
+            "Time per Service reconcile",
+            reconcile_seconds.clone(),
+        );
+        let managed_load_balancers = Gauge::default();
+        r.register(
+            "managed_load_balancers",
+            "Services with a load balancer in status",
+            managed_load_balancers.clone(),
+        );
+        let orphans_deleted = Counter::default();
+        r.register(
+            "orphans_deleted",
+            "Cloud resources deleted by the orphan sweep",
+            orphans_deleted.clone(),
+        );
+        let leader = Gauge::default();
+        r.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            leader.clone(),
+        );
+        ControllerMetrics {
+            aws_calls,
+            reconciles,
+            reconcile_seconds,
+            managed_load_balancers,
+            orphans_deleted,
+            leader,
+            registry: Arc::new(r),
+        }
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` fires.
+/// `ready` is flipped by the caller once it can serve (and back while it drains).
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(AdminState { registry, ready });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "admin server listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            e.to_string(),
+        ),
+    }
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
