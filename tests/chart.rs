@@ -484,6 +484,47 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
     }
 }
 
+/// Dotted paths of values.yaml's settings; free-form maps (resources, labels, ...) count as one.
+fn value_paths(prefix: &str, v: &Value, out: &mut Vec<String>) {
+    const FREE_FORM: [&str; 7] = [
+        "resources",
+        "annotations",
+        "podAnnotations",
+        "podLabels",
+        "nodeSelector",
+        "affinity",
+        "updateStrategy",
+    ];
+    match v.as_object() {
+        Some(map) if !FREE_FORM.iter().any(|f| prefix.ends_with(f)) => {
+            for (k, child) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                value_paths(&path, child, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+#[test]
+fn readme_documents_every_value() {
+    let yaml = std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml");
+    let values: Value = serde_yaml_ng::from_str(&yaml).expect("values.yaml parses");
+    let mut paths = Vec::new();
+    value_paths("", &values, &mut paths);
+    assert!(paths.len() > 40, "{paths:?}");
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let missing: Vec<&String> = paths
+        .iter()
+        .filter(|p| !readme.contains(&format!("| `{p}` |")))
+        .collect();
+    assert!(missing.is_empty(), "README's Helm table lacks {missing:?}");
+}
+
 /// A Helm release in its own namespace; uninstalled (cluster-scoped RBAC included) when dropped.
 struct Release {
     name: String,

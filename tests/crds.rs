@@ -213,6 +213,25 @@ async fn apiserver_accepts_the_crds_and_enforces_their_schema() {
     );
     assert!(wide.contains(ARN), "{wide}");
 
+    // Bindings of one Service are found by field selector (the controller's Service → binding map).
+    let by_service = |svc: &str| {
+        rig.kubectl(&[
+            "get",
+            "tgb",
+            "-n",
+            &ns.name,
+            "--field-selector",
+            &format!("spec.serviceRef.name={svc}"),
+            "-o",
+            "name",
+        ])
+    };
+    assert_eq!(
+        by_service("web").trim(),
+        "targetgroupbinding.cloudlb.io/web"
+    );
+    assert_eq!(by_service("other").trim(), "");
+
     // The category lists it with everything else of ours.
     let by_category = rig.kubectl(&["get", "cloudlb", "-n", &ns.name, "-o", "name"]);
     assert!(
