@@ -480,6 +480,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)] // a table of (annotations, predicate) reads best inline
     fn valid_values_parse() {
         let cases: Vec<(&[(&str, &str)], Box<dyn Fn(&LoadBalancerOptions) -> bool>)> = vec![
             (

@@ -1,0 +1,877 @@
+//! The Helm chart (issue 5): it lints, renders what the values say, refuses bad values, installs
+//! on the real apiserver, and its ServiceAccounts can do exactly what the components need.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use support::{Rig, TestNamespace, repo_root, tool, unique};
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("charts/cloudlb")
+}
+
+fn helm(args: &[&str]) -> Output {
+    Command::new(tool("helm"))
+        .args(args)
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("cloudlb-helm/cache"),
+        )
+        .env(
+            "HELM_CONFIG_HOME",
+            std::env::temp_dir().join("cloudlb-helm/config"),
+        )
+        .env(
+            "HELM_DATA_HOME",
+            std::env::temp_dir().join("cloudlb-helm/data"),
+        )
+        .output()
+        .expect("run helm")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `helm template` with `--set` values; panics when it fails.
+fn render(sets: &[&str]) -> Vec<Value> {
+    let out = template(sets);
+    assert!(out.status.success(), "helm template: {}", text(&out));
+    let yaml = String::from_utf8(out.stdout).expect("utf8");
+    serde_yaml_ng::Deserializer::from_str(&yaml)
+        .map(|doc| Value::deserialize(doc).expect("rendered YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn template(sets: &[&str]) -> Output {
+    let chart = chart_dir();
+    let mut args = vec![
+        "template",
+        "rel",
+        chart.to_str().expect("utf8 path"),
+        "--namespace",
+        "lb-system",
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    helm(&args)
+}
+
+fn kinds(docs: &[Value]) -> BTreeSet<String> {
+    docs.iter()
+        .map(|d| d["kind"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn one<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "want exactly one {kind} {name}");
+    found[0]
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| s.as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+}
+
+/// (apiGroup, resource, verb) triples a rendered (Cluster)Role grants; resourceNames marked.
+fn grants(role: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        let names = strings(&rule["resourceNames"]);
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    let scope = if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" names={}", names.join(","))
+                    };
+                    out.insert(format!("{group}/{resource} {verb}{scope}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn set_of(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn helm_lint_passes_with_default_and_custom_values() {
+    let chart = chart_dir();
+    let chart = chart.to_str().expect("utf8 path");
+    let out = helm(&["lint", "--strict", chart, "--set", "clusterName=lint"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = helm(&[
+        "lint",
+        "--strict",
+        chart,
+        "--set",
+        "clusterName=lint,region=eu-west-1,awsEndpoint=http://127.0.0.1:4566,defaultClass=true",
+        "--set",
+        "nodeProxy.enabled=true,nodeProxy.bindPrivilegedPorts=true,controller.replicas=3",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn schema_refuses_missing_and_malformed_values() {
+    let cases: [(&[&str], &str); 7] = [
+        (&[], "clusterName"),
+        (&["clusterName="], "clusterName"),
+        (&["clusterName=a b"], "clusterName"),
+        (&["clusterName=x", "controller.replicas=two"], "replicas"),
+        (&["clusterName=x", "clustername=typo"], "clustername"),
+        (
+            &["clusterName=x", "loadBalancerClass=nlb"],
+            "loadBalancerClass",
+        ),
+        (
+            &["clusterName=x", "awsEndpoint=localhost:4566"],
+            "awsEndpoint",
+        ),
+    ];
+    for (sets, field) in cases {
+        let out = template(sets);
+        let msg = text(&out);
+        assert!(!out.status.success(), "{sets:?} must be refused");
+        assert!(
+            msg.contains("schema") && msg.contains(field),
+            "{sets:?}: expected a schema error naming {field}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn default_values_render_a_locked_down_two_replica_controller_and_no_node_proxy() {
+    let docs = render(&["clusterName=prod"]);
+    assert_eq!(
+        kinds(&docs),
+        set_of(&[
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+        ]),
+        "no DaemonSet unless nodeProxy.enabled"
+    );
+    let deploy = one(&docs, "Deployment", "rel-cloudlb-controller");
+    assert_eq!(deploy["metadata"]["namespace"], "lb-system");
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "rel-cloudlb-controller");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], "ghcr.io/cloudlb/cloudlb:0.1.0");
+    assert_eq!(
+        strings(&c["args"]),
+        [
+            "controller",
+            "--cluster-name=prod",
+            "--load-balancer-class=cloudlb.io/nlb",
+            "--metrics-addr=0.0.0.0:8080",
+            "--leader-elect",
+            "--lease-namespace=lb-system",
+            "--lease-name=rel-cloudlb-controller",
+        ]
+    );
+    assert!(env_value(c, "AWS_ENDPOINT_URL").is_none());
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "metrics");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"], json!({"drop": ["ALL"]}));
+    assert_eq!(c["resources"]["requests"]["cpu"], "50m");
+    assert!(pod["affinity"]["podAntiAffinity"].is_object());
+
+    let pdb = one(&docs, "PodDisruptionBudget", "rel-cloudlb-controller");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        deploy["spec"]["selector"]["matchLabels"]
+    );
+    let metrics = one(&docs, "Service", "rel-cloudlb-controller-metrics");
+    assert_eq!(metrics["spec"]["ports"][0]["port"], 8080);
+    assert_eq!(
+        metrics["spec"]["selector"],
+        deploy["spec"]["selector"]["matchLabels"]
+    );
+    let sa = one(&docs, "ServiceAccount", "rel-cloudlb-controller");
+    assert!(sa["metadata"]["annotations"].is_null());
+}
+
+#[test]
+fn custom_values_reach_flags_env_and_the_node_proxy() {
+    let docs = render(&[
+        "clusterName=staging",
+        "region=eu-west-1",
+        "awsEndpoint=http://127.0.0.1:4566",
+        "loadBalancerClass=example.com/lb",
+        "defaultClass=true",
+        "controller.replicas=3",
+        "controller.extraArgs[0]=--concurrency=8",
+        "controller.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::111122223333:role/cloudlb",
+        "image.tag=dev",
+        "nodeProxy.enabled=true",
+        "nodeProxy.metricsPort=10266",
+    ]);
+    assert!(kinds(&docs).contains("DaemonSet"));
+    let deploy = one(&docs, "Deployment", "rel-cloudlb-controller");
+    assert_eq!(deploy["spec"]["replicas"], 3);
+    let c = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "ghcr.io/cloudlb/cloudlb:dev");
+    let args = strings(&c["args"]);
+    for want in [
+        "--cluster-name=staging",
+        "--load-balancer-class=example.com/lb",
+        "--default-class",
+        "--region=eu-west-1",
+    ] {
+        assert!(args.contains(&want.to_string()), "{want} in {args:?}");
+    }
+    assert_eq!(args.last().map(String::as_str), Some("--concurrency=8"));
+    assert_eq!(
+        env_value(c, "AWS_ENDPOINT_URL").map(|e| &e["value"]),
+        Some(&json!("http://127.0.0.1:4566"))
+    );
+    let sa = one(&docs, "ServiceAccount", "rel-cloudlb-controller");
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::111122223333:role/cloudlb"
+    );
+
+    let ds = one(&docs, "DaemonSet", "rel-cloudlb-node-proxy");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "rel-cloudlb-node-proxy");
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+    let c = &pod["containers"][0];
+    assert_eq!(
+        strings(&c["args"]),
+        [
+            "node-proxy",
+            "--node-name=$(NODE_NAME)",
+            "--metrics-addr=0.0.0.0:10266",
+            "--bind-address=0.0.0.0",
+        ]
+    );
+    assert_eq!(
+        env_value(c, "NODE_NAME").map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]),
+        Some(&json!("spec.nodeName"))
+    );
+    assert!(
+        env_value(c, "AWS_ENDPOINT_URL").is_none(),
+        "the node proxy never calls AWS"
+    );
+    assert_eq!(
+        c["securityContext"]["capabilities"],
+        json!({"drop": ["ALL"]})
+    );
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+
+    let privileged = render(&[
+        "clusterName=x",
+        "nodeProxy.enabled=true",
+        "nodeProxy.bindPrivilegedPorts=true",
+    ]);
+    let ds = one(&privileged, "DaemonSet", "rel-cloudlb-node-proxy");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"],
+        json!({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]})
+    );
+
+    let single = render(&[
+        "clusterName=x",
+        "controller.replicas=1",
+        "controller.leaderElection.enabled=false",
+    ]);
+    assert!(
+        !kinds(&single).contains("Role"),
+        "no Lease grant without leader election"
+    );
+    let args = strings(
+        &one(&single, "Deployment", "rel-cloudlb-controller")["spec"]["template"]["spec"]["containers"]
+            [0]["args"],
+    );
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.starts_with("--lease") || a == "--leader-elect")
+    );
+}
+
+#[test]
+fn rbac_grants_exactly_what_each_component_needs() {
+    let docs = render(&["clusterName=x", "nodeProxy.enabled=true"]);
+    assert_eq!(
+        grants(one(&docs, "ClusterRole", "rel-cloudlb-controller")),
+        set_of(&[
+            "/services get",
+            "/services list",
+            "/services watch",
+            "/services patch",
+            "/services update",
+            "/services/status patch",
+            "/services/status update",
+            "/nodes get",
+            "/nodes list",
+            "/nodes watch",
+            "discovery.k8s.io/endpointslices get",
+            "discovery.k8s.io/endpointslices list",
+            "discovery.k8s.io/endpointslices watch",
+            "events.k8s.io/events create",
+            "events.k8s.io/events patch",
+            "cloudlb.io/targetgroupbindings get",
+            "cloudlb.io/targetgroupbindings list",
+            "cloudlb.io/targetgroupbindings watch",
+            "cloudlb.io/targetgroupbindings patch",
+            "cloudlb.io/targetgroupbindings update",
+            "cloudlb.io/targetgroupbindings/status get",
+            "cloudlb.io/targetgroupbindings/status patch",
+            "cloudlb.io/targetgroupbindings/status update",
+            "cloudlb.io/targetgroupbindings/finalizers get",
+            "cloudlb.io/targetgroupbindings/finalizers patch",
+            "cloudlb.io/targetgroupbindings/finalizers update",
+        ])
+    );
+    let role = one(&docs, "Role", "rel-cloudlb-controller-leader-election");
+    assert_eq!(role["metadata"]["namespace"], "lb-system");
+    assert_eq!(
+        grants(role),
+        set_of(&[
+            "coordination.k8s.io/leases create",
+            "coordination.k8s.io/leases get names=rel-cloudlb-controller",
+            "coordination.k8s.io/leases update names=rel-cloudlb-controller",
+        ])
+    );
+    assert_eq!(
+        grants(one(&docs, "ClusterRole", "rel-cloudlb-node-proxy")),
+        set_of(&[
+            "/services get",
+            "/services list",
+            "/services watch",
+            "/nodes get",
+            "/nodes list",
+            "/nodes watch",
+            "discovery.k8s.io/endpointslices get",
+            "discovery.k8s.io/endpointslices list",
+            "discovery.k8s.io/endpointslices watch",
+        ])
+    );
+    for (binding, sa) in [
+        ("rel-cloudlb-controller", "rel-cloudlb-controller"),
+        ("rel-cloudlb-node-proxy", "rel-cloudlb-node-proxy"),
+    ] {
+        let b = one(&docs, "ClusterRoleBinding", binding);
+        assert_eq!(b["roleRef"]["name"], binding);
+        assert_eq!(
+            b["subjects"],
+            json!([{"kind": "ServiceAccount", "name": sa, "namespace": "lb-system"}])
+        );
+    }
+}
+
+#[test]
+fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_tag() {
+    let text = std::fs::read_to_string(chart_dir().join("iam-policy.json")).expect("read policy");
+    let policy: Value = serde_json::from_str(&text).expect("policy is JSON");
+    assert_eq!(policy["Version"], "2012-10-17");
+    let statements = policy["Statement"].as_array().expect("statements");
+    let actions_of = |s: &Value| -> Vec<String> {
+        match &s["Action"] {
+            Value::String(a) => vec![a.clone()],
+            other => strings(other),
+        }
+    };
+    let granted: BTreeSet<String> = statements.iter().flat_map(actions_of).collect();
+    let elb = [
+        "DescribeLoadBalancers",
+        "DescribeLoadBalancerAttributes",
+        "DescribeListeners",
+        "DescribeTargetGroups",
+        "DescribeTargetGroupAttributes",
+        "DescribeTargetHealth",
+        "DescribeTags",
+        "CreateLoadBalancer",
+        "CreateTargetGroup",
+        "CreateListener",
+        "DeleteLoadBalancer",
+        "DeleteTargetGroup",
+        "DeleteListener",
+        "ModifyLoadBalancerAttributes",
+        "ModifyTargetGroup",
+        "ModifyTargetGroupAttributes",
+        "ModifyListener",
+        "RegisterTargets",
+        "DeregisterTargets",
+        "AddTags",
+        "RemoveTags",
+        "SetIpAddressType",
+    ];
+    let ec2 = [
+        "DescribeSubnets",
+        "DescribeInstances",
+        "DescribeVpcs",
+        "DescribeSecurityGroups",
+    ];
+    let want: BTreeSet<String> = elb
+        .iter()
+        .map(|a| format!("elasticloadbalancing:{a}"))
+        .chain(ec2.iter().map(|a| format!("ec2:{a}")))
+        .collect();
+    assert_eq!(granted, want);
+
+    for s in statements {
+        assert_eq!(s["Effect"], "Allow");
+        let condition = s["Condition"].to_string();
+        for action in actions_of(s) {
+            let name = action.split(':').nth(1).unwrap_or_default();
+            if name.starts_with("Create") || name == "AddTags" {
+                assert!(
+                    condition.contains("aws:RequestTag/cloudlb.io/cluster"),
+                    "{action} must require the cluster request tag: {s}"
+                );
+            }
+            if name.starts_with("Delete") || name.starts_with("Modify") || name == "RemoveTags" {
+                assert!(
+                    condition.contains("aws:ResourceTag/cloudlb.io/cluster"),
+                    "{action} must be limited to resources with the cluster tag: {s}"
+                );
+            }
+        }
+    }
+}
+
+/// Dotted paths of values.yaml's settings; free-form maps (resources, labels, ...) count as one.
+fn value_paths(prefix: &str, v: &Value, out: &mut Vec<String>) {
+    const FREE_FORM: [&str; 7] = [
+        "resources",
+        "annotations",
+        "podAnnotations",
+        "podLabels",
+        "nodeSelector",
+        "affinity",
+        "updateStrategy",
+    ];
+    match v.as_object() {
+        Some(map) if !FREE_FORM.iter().any(|f| prefix.ends_with(f)) => {
+            for (k, child) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                value_paths(&path, child, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+#[test]
+fn readme_documents_every_value() {
+    let yaml = std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml");
+    let values: Value = serde_yaml_ng::from_str(&yaml).expect("values.yaml parses");
+    let mut paths = Vec::new();
+    value_paths("", &values, &mut paths);
+    assert!(paths.len() > 40, "{paths:?}");
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let missing: Vec<&String> = paths
+        .iter()
+        .filter(|p| !readme.contains(&format!("| `{p}` |")))
+        .collect();
+    assert!(missing.is_empty(), "README's Helm table lacks {missing:?}");
+}
+
+/// A Helm release in its own namespace; uninstalled (cluster-scoped RBAC included) when dropped.
+struct Release {
+    name: String,
+    ns: TestNamespace,
+}
+
+impl Release {
+    async fn install(rig: &'static Rig, sets: &[&str]) -> Release {
+        let ns = TestNamespace::new(rig, "chart").await;
+        let name = unique("clb");
+        let chart = chart_dir();
+        let kubeconfig = rig.kubeconfig.display().to_string();
+        let mut args = vec![
+            "install",
+            &name,
+            chart.to_str().expect("utf8 path"),
+            "--kubeconfig",
+            &kubeconfig,
+            "--namespace",
+            &ns.name,
+            "--timeout",
+            "60s",
+        ];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let out = helm(&args);
+        let release = Release { name, ns };
+        assert!(out.status.success(), "helm install: {}", text(&out));
+        assert!(
+            text(&out).contains("kubectl get service web --watch"),
+            "NOTES.txt is shown: {}",
+            text(&out)
+        );
+        release
+    }
+
+    fn component(&self, component: &str) -> String {
+        // The release name never contains "cloudlb", so the chart name is appended.
+        format!("{}-cloudlb-{component}", self.name)
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let rig = Rig::get();
+        let kubeconfig = rig.kubeconfig.display().to_string();
+        let out = helm(&[
+            "uninstall",
+            &self.name,
+            "--kubeconfig",
+            &kubeconfig,
+            "--namespace",
+            &self.ns.name,
+        ]);
+        if !out.status.success() && !std::thread::panicking() {
+            panic!("helm uninstall: {}", text(&out));
+        }
+    }
+}
+
+/// `kubectl auth can-i` as the holder of `token`.
+fn can_i(rig: &Rig, token: &str, ns: &str, verb: &str, resource: &str) -> bool {
+    let (resource, sub) = match resource.split_once('/') {
+        Some((r, s)) => (r, Some(s)),
+        None => (resource, None),
+    };
+    let mut args = vec!["auth", "can-i", verb, resource, "--token", token];
+    if let Some(s) = sub {
+        args.extend(["--subresource", s]);
+    }
+    if ns.is_empty() {
+        args.push("--all-namespaces");
+    } else {
+        args.extend(["-n", ns]);
+    }
+    let out = rig.kubectl_output(&args);
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        answer == "yes" || answer == "no",
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answer == "yes"
+}
+
+fn token(rig: &Rig, sa: &str, ns: &str) -> String {
+    rig.kubectl(&["create", "token", sa, "-n", ns])
+        .trim()
+        .to_string()
+}
+
+fn assert_forbidden<T>(what: &str, result: Result<T, kube::Error>) {
+    match result {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{what}: expected 403, got {s:?}"),
+        Err(e) => panic!("{what}: expected 403, got {e}"),
+        Ok(_) => panic!("{what}: must be forbidden, but it was allowed"),
+    }
+}
+
+#[tokio::test]
+async fn installed_chart_gives_the_controller_exactly_its_permissions() {
+    let rig = Rig::get();
+    let release = Release::install(rig, &["clusterName=rig"]).await;
+    let ns = release.ns.name.clone();
+    let sa = release.component("controller");
+    let lease_name = release.component("controller");
+    let admin = rig.client().await;
+    let other = TestNamespace::new(rig, "chart-other").await;
+
+    let deploy = rig.kubectl(&[
+        "get",
+        "deployment",
+        &sa,
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.spec.replicas} {.spec.template.spec.serviceAccountName}",
+    ]);
+    assert_eq!(deploy, format!("2 {sa}"));
+
+    let token = token(rig, &sa, &ns);
+    let client = rig.client_with_token(&token).await;
+
+    // What the controller does, done for real with its token.
+    let svcs: Api<Service> = Api::namespaced(admin.clone(), &other.name);
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "cloudlb.io/nlb",
+                 "ports": [{"port": 80, "protocol": "TCP"}]}
+    }))
+    .expect("service");
+    svcs.create(&PostParams::default(), &svc)
+        .await
+        .expect("create service");
+    let as_controller: Api<Service> = Api::all(client.clone());
+    let listed = as_controller
+        .list(&ListParams::default())
+        .await
+        .expect("controller lists services in every namespace");
+    assert!(
+        listed
+            .items
+            .iter()
+            .any(|s| s.metadata.name.as_deref() == Some("web"))
+    );
+    let mine: Api<Service> = Api::namespaced(client.clone(), &other.name);
+    let status =
+        json!({"status": {"loadBalancer": {"ingress": [{"hostname": "web-1.elb.example"}]}}});
+    mine.patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("controller patches services/status");
+    let finalizer = json!({"metadata": {"finalizers": ["cloudlb.io/load-balancer"]}});
+    mine.patch("web", &PatchParams::default(), &Patch::Merge(&finalizer))
+        .await
+        .expect("controller patches services (finalizer)");
+    let no_finalizer = json!({"metadata": {"finalizers": null}});
+    mine.patch("web", &PatchParams::default(), &Patch::Merge(&no_finalizer))
+        .await
+        .expect("controller removes its finalizer");
+    assert_forbidden(
+        "delete services",
+        mine.delete("web", &DeleteParams::default()).await,
+    );
+
+    let events: Api<Event> = Api::namespaced(client.clone(), &other.name);
+    let event: Event = serde_json::from_value(json!({
+        "metadata": {"name": "web.cloudlb-test"},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reportingController": "cloudlb.io/controller",
+        "reportingInstance": "cloudlb-test",
+        "action": "Ensuring", "reason": "EnsuringLoadBalancer", "type": "Normal",
+        "note": "chart RBAC test",
+        "regarding": {"apiVersion": "v1", "kind": "Service", "namespace": other.name, "name": "web"}
+    }))
+    .expect("event");
+    events
+        .create(&PostParams::default(), &event)
+        .await
+        .expect("controller creates events.k8s.io Events");
+    events
+        .patch(
+            "web.cloudlb-test",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &json!({"series": {"count": 2, "lastObservedTime": "2026-01-01T00:00:01.000000Z"}}),
+            ),
+        )
+        .await
+        .expect("controller patches Events (series)");
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": lease_name},
+        "spec": {"holderIdentity": "pod-a", "leaseDurationSeconds": 15}
+    }))
+    .expect("lease");
+    leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("controller creates its Lease");
+    let mut held = leases
+        .get(&lease_name)
+        .await
+        .expect("controller gets its Lease");
+    if let Some(spec) = held.spec.as_mut() {
+        spec.holder_identity = Some("pod-b".into());
+    }
+    leases
+        .replace(&lease_name, &PostParams::default(), &held)
+        .await
+        .expect("controller updates its Lease");
+    assert_forbidden("get another Lease", leases.get("someone-else").await);
+    let elsewhere: Api<Lease> = Api::namespaced(client.clone(), &other.name);
+    assert_forbidden(
+        "create a Lease outside the release namespace",
+        elsewhere.create(&PostParams::default(), &lease).await,
+    );
+
+    // What it must never do.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &other.name);
+    assert_forbidden(
+        "delete pods",
+        pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await,
+    );
+    let secrets: Api<Secret> = Api::all(client.clone());
+    assert_forbidden("list secrets", secrets.list(&ListParams::default()).await);
+    let own_secrets: Api<Secret> = Api::namespaced(client, &ns);
+    assert_forbidden(
+        "list secrets in its own namespace",
+        own_secrets.list(&ListParams::default()).await,
+    );
+
+    // The whole matrix, as the authoriser answers it.
+    let matrix = [
+        ("", "watch", "services", true),
+        ("", "update", "services/status", true),
+        ("", "watch", "nodes", true),
+        ("", "watch", "endpointslices.discovery.k8s.io", true),
+        ("", "create", "events.events.k8s.io", true),
+        ("", "watch", "targetgroupbindings.cloudlb.io", true),
+        ("", "patch", "targetgroupbindings.cloudlb.io/status", true),
+        (
+            "",
+            "update",
+            "targetgroupbindings.cloudlb.io/finalizers",
+            true,
+        ),
+        ("", "create", "services", false),
+        ("", "delete", "services", false),
+        ("", "patch", "nodes", false),
+        ("", "create", "targetgroupbindings.cloudlb.io", false),
+        ("", "delete", "targetgroupbindings.cloudlb.io", false),
+        ("", "create", "events", false),
+        ("", "list", "pods", false),
+        ("", "get", "secrets", false),
+        ("", "list", "configmaps", false),
+        ("", "create", "leases.coordination.k8s.io", false),
+        ("", "create", "pods/exec", false),
+    ];
+    for (scope, verb, resource, want) in matrix {
+        assert_eq!(
+            can_i(rig, &token, scope, verb, resource),
+            want,
+            "controller: can-i {verb} {resource}"
+        );
+    }
+    assert!(can_i(
+        rig,
+        &token,
+        &ns,
+        "create",
+        "leases.coordination.k8s.io"
+    ));
+}
+
+#[tokio::test]
+async fn installed_chart_gives_the_node_proxy_read_only_access() {
+    let rig = Rig::get();
+    let release = Release::install(rig, &["clusterName=rig", "nodeProxy.enabled=true"]).await;
+    let ns = release.ns.name.clone();
+    let sa = release.component("node-proxy");
+    let ds = rig.kubectl(&[
+        "get",
+        "daemonset",
+        &sa,
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.spec.template.spec.hostNetwork}",
+    ]);
+    assert_eq!(ds, "true");
+
+    let token = token(rig, &sa, &ns);
+    let client = rig.client_with_token(&token).await;
+    let slices: Api<EndpointSlice> = Api::all(client.clone());
+    let list = slices
+        .list(&ListParams::default().limit(1))
+        .await
+        .expect("node proxy lists EndpointSlices");
+    let version = list.metadata.resource_version.unwrap_or_default();
+    let events: Vec<_> = slices
+        .watch(&WatchParams::default().timeout(1), &version)
+        .await
+        .expect("node proxy watches EndpointSlices")
+        .collect()
+        .await;
+    assert!(
+        events.iter().all(|e| e.is_ok()),
+        "node proxy watches EndpointSlices: {events:?}"
+    );
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    services
+        .list(&ListParams::default())
+        .await
+        .expect("node proxy lists Services");
+    assert_forbidden(
+        "patch services",
+        services
+            .patch(
+                &format!("{}-metrics", release.component("controller")),
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"labels": {"x": "y"}}})),
+            )
+            .await,
+    );
+    let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    assert_forbidden("list secrets", secrets.list(&ListParams::default()).await);
+
+    let matrix = [
+        ("watch", "endpointslices.discovery.k8s.io", true),
+        ("watch", "services", true),
+        ("get", "nodes", true),
+        ("patch", "services", false),
+        ("update", "services/status", false),
+        ("create", "events.events.k8s.io", false),
+        ("list", "targetgroupbindings.cloudlb.io", false),
+        ("create", "leases.coordination.k8s.io", false),
+        ("list", "pods", false),
+        ("get", "secrets", false),
+    ];
+    for (verb, resource, want) in matrix {
+        assert_eq!(
+            can_i(rig, &token, "", verb, resource),
+            want,
+            "node proxy: can-i {verb} {resource}"
+        );
+    }
+}
