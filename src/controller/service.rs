@@ -420,7 +420,11 @@ async fn cleanup(
         status::clear(&ctx.client, svc).await?;
     }
     status::remove_finalizer(&ctx.client, svc).await?;
-    ctx.applied.lock().await.remove(&ObjectRef::from_obj(svc));
+    let mut applied = ctx.applied.lock().await;
+    applied.remove(&ObjectRef::from_obj(svc));
+    ctx.metrics
+        .managed_load_balancers
+        .set(applied.values().filter(|a| a.hostname.is_some()).count() as i64);
     Ok(())
 }
 
