@@ -100,13 +100,14 @@ async fn full_lifecycle_create_nodes_ports_delete() {
 
     let client = rig.client().await;
     let api: Api<Service> = Api::namespaced(client.clone(), &ns.name);
-    let svc = lb_service(
+    let mut svc = lb_service(
         "web",
         &cloud.class,
         json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080},
                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]),
         json!({}),
     );
+    svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["10.213.0.0/16".into()]);
     let created_at = Instant::now();
     api.create(&PostParams::default(), &svc).await.unwrap();
 
@@ -114,12 +115,10 @@ async fn full_lifecycle_create_nodes_ports_delete() {
     let host = eventually("hostname in status", WAIT, || hostname(&api, "web")).await;
     eprintln!("service → hostname in {:?}", created_at.elapsed());
     let svc = api.get("web").await.unwrap();
-    assert!(
-        svc.metadata
-            .finalizers
-            .clone()
-            .unwrap_or_default()
-            .contains(&"cloudlb.io/load-balancer-cleanup".to_string())
+    let finalizer = format!("cloudlb.io/cleanup-{}", cloud.class.replace('/', "-"));
+    assert_eq!(
+        svc.metadata.finalizers.clone().unwrap_or_default(),
+        vec![finalizer]
     );
     let lb_name = host
         .split('.')
@@ -162,6 +161,17 @@ async fn full_lifecycle_create_nodes_ports_delete() {
             svc.metadata.uid.clone().unwrap()
         );
     }
+
+    // loadBalancerSourceRanges → the managed security group, attached to the NLB.
+    let sgs = cloud.security_groups().await;
+    assert_eq!(sgs.len(), 1, "{sgs:?}");
+    let want_rules: BTreeSet<(String, i32, String)> = [
+        ("tcp".into(), 80, "10.213.0.0/16".into()),
+        ("udp".into(), 53, "10.213.0.0/16".into()),
+    ]
+    .into();
+    assert_eq!(sgs[0].1, want_rules);
+    assert_eq!(lb.security_groups(), [sgs[0].0.clone()]);
 
     // kubectl shows it as EXTERNAL-IP.
     let table = rig.kubectl(&["get", "svc", "web", "-n", &ns.name]);

@@ -123,14 +123,42 @@ pub struct ControllerArgs {
     pub orphan_grace_seconds: u64,
 }
 
-/// The finalizer that guarantees teardown before a Service disappears.
+/// The finalizer of the default class: it guarantees teardown before a Service disappears.
 pub const FINALIZER: &str = "cloudlb.io/load-balancer-cleanup";
+/// The class served when `--load-balancer-class` is not given.
+pub const DEFAULT_CLASS: &str = "cloudlb.io/nlb";
+
+/// The finalizer this controller owns. Each class gets its own, so two cloudlb installations
+/// with different classes never remove each other's finalizer.
+pub fn finalizer_for(class: &str) -> String {
+    if class == DEFAULT_CLASS {
+        return FINALIZER.to_string();
+    }
+    let name: String = class
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(54)
+        .collect();
+    format!(
+        "cloudlb.io/cleanup-{}",
+        name.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+    )
+}
+
 /// Name of this controller in Events and field managers.
 pub const MANAGER: &str = "cloudlb-controller";
 
 /// Everything a reconcile needs; built once.
 pub struct Context {
     pub client: Client,
+    /// This controller's finalizer (see [`finalizer_for`]).
+    pub finalizer: String,
     pub cloud: AwsCloud,
     pub recorder: Recorder,
     pub metrics: ControllerMetrics,
@@ -220,6 +248,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     );
     let ctx = Arc::new(Context {
         client: client.clone(),
+        finalizer: finalizer_for(&args.cluster.load_balancer_class),
         cloud,
         recorder,
         metrics: metrics.clone(),

@@ -108,7 +108,7 @@ async fn reconcile_inner(
 ) -> Result<Action, ReconcileError> {
     let ours = is_ours(svc, &ctx.cluster);
     if !ours || svc.meta().deletion_timestamp.is_some() {
-        if status::has_finalizer(svc) {
+        if status::has_finalizer(svc, &ctx.finalizer) {
             cleanup(svc, ctx, key, ours).await?;
         }
         return Ok(Action::await_change());
@@ -138,13 +138,13 @@ async fn reconcile_inner(
         if a.desired_hash == desired_hash
             && a.at.elapsed() < ctx.resync
             && a.hostname == hostname_now
-            && status::has_finalizer(svc)
+            && status::has_finalizer(svc, &ctx.finalizer)
         {
             return Ok(Action::requeue(ctx.resync));
         }
     }
 
-    status::add_finalizer(&ctx.client, svc).await?;
+    status::add_finalizer(&ctx.client, svc, &ctx.finalizer).await?;
     let observed = ctx
         .cloud
         .observe(&query(svc, Some(&desired), &opts, ctx))
@@ -419,7 +419,7 @@ async fn cleanup(
     if svc.meta().deletion_timestamp.is_none() && !still_ours {
         status::clear(&ctx.client, svc).await?;
     }
-    status::remove_finalizer(&ctx.client, svc).await?;
+    status::remove_finalizer(&ctx.client, svc, &ctx.finalizer).await?;
     let mut applied = ctx.applied.lock().await;
     applied.remove(&ObjectRef::from_obj(svc));
     ctx.metrics
@@ -499,6 +499,21 @@ mod tests {
                 "{t} {class:?} default={default}"
             );
         }
+    }
+
+    #[test]
+    fn finalizer_per_class() {
+        use crate::controller::finalizer_for;
+        assert_eq!(
+            finalizer_for("cloudlb.io/nlb"),
+            "cloudlb.io/load-balancer-cleanup"
+        );
+        assert_eq!(
+            finalizer_for("cloudlb.io/internal"),
+            "cloudlb.io/cleanup-cloudlb.io-internal"
+        );
+        let long = finalizer_for(&format!("example.com/{}", "x".repeat(100)));
+        assert!(long.len() - "cloudlb.io/".len() <= 63, "{long}");
     }
 
     #[test]

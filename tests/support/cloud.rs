@@ -94,25 +94,45 @@ impl TestCloud {
     /// Every load balancer and target group tagged with this test's cluster: (arn, name, tags).
     pub async fn inventory(&self) -> Vec<(String, String, BTreeMap<String, String>)> {
         let mut arns = Vec::new();
-        let lbs = self
-            .elb
-            .describe_load_balancers()
-            .send()
-            .await
-            .expect("lbs");
-        arns.extend(lbs.load_balancers().iter().map(|l| {
-            (
-                l.load_balancer_arn().unwrap().to_string(),
-                l.load_balancer_name().unwrap().to_string(),
-            )
-        }));
-        let tgs = self.elb.describe_target_groups().send().await.expect("tgs");
-        arns.extend(tgs.target_groups().iter().map(|t| {
-            (
-                t.target_group_arn().unwrap().to_string(),
-                t.target_group_name().unwrap().to_string(),
-            )
-        }));
+        let mut marker: Option<String> = None;
+        loop {
+            let lbs = self
+                .elb
+                .describe_load_balancers()
+                .set_marker(marker.clone())
+                .send()
+                .await
+                .expect("lbs");
+            arns.extend(lbs.load_balancers().iter().map(|l| {
+                (
+                    l.load_balancer_arn().unwrap().to_string(),
+                    l.load_balancer_name().unwrap().to_string(),
+                )
+            }));
+            marker = lbs.next_marker().map(str::to_string);
+            if marker.is_none() {
+                break;
+            }
+        }
+        loop {
+            let tgs = self
+                .elb
+                .describe_target_groups()
+                .set_marker(marker.clone())
+                .send()
+                .await
+                .expect("tgs");
+            arns.extend(tgs.target_groups().iter().map(|t| {
+                (
+                    t.target_group_arn().unwrap().to_string(),
+                    t.target_group_name().unwrap().to_string(),
+                )
+            }));
+            marker = tgs.next_marker().map(str::to_string);
+            if marker.is_none() {
+                break;
+            }
+        }
         let mut out = Vec::new();
         for chunk in arns.chunks(20) {
             let res = self
@@ -217,6 +237,40 @@ impl TestCloud {
                         t.port().unwrap_or_default(),
                     )
                 })
+            })
+            .collect()
+    }
+
+    /// Security groups tagged with this test's cluster: (id, ingress as (protocol, port, cidr)).
+    pub async fn security_groups(&self) -> Vec<(String, BTreeSet<(String, i32, String)>)> {
+        let f = Filter::builder()
+            .name("tag:cloudlb.io/cluster")
+            .values(&self.cluster)
+            .build();
+        let out = self
+            .ec2
+            .describe_security_groups()
+            .filters(f)
+            .send()
+            .await
+            .expect("security groups");
+        out.security_groups()
+            .iter()
+            .map(|g| {
+                let rules = g
+                    .ip_permissions()
+                    .iter()
+                    .flat_map(|p| {
+                        p.ip_ranges().iter().map(move |r| {
+                            (
+                                p.ip_protocol().unwrap_or_default().to_string(),
+                                p.from_port().unwrap_or_default(),
+                                r.cidr_ip().unwrap_or_default().to_string(),
+                            )
+                        })
+                    })
+                    .collect();
+                (g.group_id().unwrap_or_default().to_string(), rules)
             })
             .collect()
     }
