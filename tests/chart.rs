@@ -426,42 +426,51 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
         }
     };
     let granted: BTreeSet<String> = statements.iter().flat_map(actions_of).collect();
-    let elb = [
-        "DescribeLoadBalancers",
-        "DescribeLoadBalancerAttributes",
-        "DescribeListeners",
-        "DescribeTargetGroups",
-        "DescribeTargetGroupAttributes",
-        "DescribeTargetHealth",
-        "DescribeTags",
-        "CreateLoadBalancer",
-        "CreateTargetGroup",
-        "CreateListener",
-        "DeleteLoadBalancer",
-        "DeleteTargetGroup",
-        "DeleteListener",
-        "ModifyLoadBalancerAttributes",
-        "ModifyTargetGroup",
-        "ModifyTargetGroupAttributes",
-        "ModifyListener",
-        "RegisterTargets",
-        "DeregisterTargets",
-        "AddTags",
-        "RemoveTags",
-        "SetIpAddressType",
-    ];
-    let ec2 = [
+    // Exactly the operations src/cloud/aws.rs calls (every call goes through `call("Op", …)`),
+    // plus tagging on create (ELBv2 AddTags, EC2 CreateTags), which AWS authorizes separately.
+    let code = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cloud/aws.rs"))
+        .expect("aws.rs");
+    let ec2_ops = [
         "DescribeSubnets",
-        "DescribeInstances",
-        "DescribeVpcs",
         "DescribeSecurityGroups",
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "RevokeSecurityGroupIngress",
+        "DeleteSecurityGroup",
     ];
-    let want: BTreeSet<String> = elb
-        .iter()
-        .map(|a| format!("elasticloadbalancing:{a}"))
-        .chain(ec2.iter().map(|a| format!("ec2:{a}")))
+    let called: BTreeSet<String> = code
+        .split(".call(")
+        .skip(1)
+        .filter_map(|rest| {
+            rest.trim_start()
+                .strip_prefix('"')?
+                .split('"')
+                .next()
+                .map(str::to_string)
+        })
         .collect();
-    assert_eq!(granted, want);
+    assert!(
+        called.len() > 15,
+        "found too few AWS operations in aws.rs: {called:?}"
+    );
+    let want: BTreeSet<String> = called
+        .iter()
+        .map(|op| {
+            if ec2_ops.contains(&op.as_str()) {
+                format!("ec2:{op}")
+            } else {
+                format!("elasticloadbalancing:{op}")
+            }
+        })
+        .chain([
+            "elasticloadbalancing:AddTags".to_string(),
+            "ec2:CreateTags".to_string(),
+        ])
+        .collect();
+    assert_eq!(
+        granted, want,
+        "the IAM policy must grant exactly what the code calls"
+    );
 
     for s in statements {
         assert_eq!(s["Effect"], "Allow");
@@ -474,7 +483,12 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
                     "{action} must require the cluster request tag: {s}"
                 );
             }
-            if name.starts_with("Delete") || name.starts_with("Modify") || name == "RemoveTags" {
+            let guarded_by_resource_tag = !(name.starts_with("Describe")
+                || name.starts_with("Create")
+                || name == "AddTags"
+                || name == "RegisterTargets"
+                || name == "DeregisterTargets");
+            if guarded_by_resource_tag {
                 assert!(
                     condition.contains("aws:ResourceTag/cloudlb.io/cluster"),
                     "{action} must be limited to resources with the cluster tag: {s}"
