@@ -574,3 +574,94 @@ async fn external_traffic_policy_local_health_check_and_foreign_name_collision()
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn plan_prints_the_changes_and_changes_nothing() {
+    let rig = Rig::get();
+    let ns = TestNamespace::new(rig, "plan").await;
+    let cloud = TestCloud::new(rig, "plan").await;
+    let i1 = cloud.instance(None).await;
+    let _n1 = TestNode::new(
+        rig,
+        "plan-a",
+        "10.213.250.31",
+        Some(&TestCloud::provider_id(&i1)),
+        json!({"cloudlb.io/test-cluster": cloud.cluster}),
+    )
+    .await;
+    let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
+    api.create(
+        &PostParams::default(),
+        &lb_service(
+            "web",
+            &cloud.class,
+            json!([{"port": 80, "protocol": "TCP"}]),
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap();
+    let plan = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudlb"))
+            .args([
+                "plan",
+                "--cluster-name",
+                &cloud.cluster,
+                "--load-balancer-class",
+                &cloud.class,
+                "-n",
+                &ns.name,
+            ])
+            .args([
+                "--node-selector",
+                &format!("cloudlb.io/test-cluster={}", cloud.cluster),
+            ])
+            .envs(rig.process_env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = plan();
+    let key = format!("{}/web", ns.name);
+    for want in [
+        "CreateTargetGroup",
+        "RegisterTargets",
+        "CreateSecurityGroup",
+        "CreateLoadBalancer",
+        "CreateListener",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&key) && l.contains(want)),
+            "{want} missing in:\n{text}"
+        );
+    }
+    assert!(
+        text.contains(&i1),
+        "the node's instance is in the plan:\n{text}"
+    );
+    assert!(text.trim_end().ends_with("5 change(s)"), "{text}");
+    assert_eq!(
+        cloud.inventory().await,
+        vec![],
+        "plan must not create anything"
+    );
+    assert!(
+        api.get("web").await.unwrap().metadata.finalizers.is_none(),
+        "plan must not touch the Service"
+    );
+
+    // After the controller applied it, the plan is empty.
+    let _controller = ControllerProc::start(rig, &cloud, &[]);
+    eventually("hostname", WAIT, || hostname(&api, "web")).await;
+    let text = plan();
+    assert!(
+        text.contains(&format!("{key}: up to date")) && text.trim_end().ends_with("0 change(s)"),
+        "{text}"
+    );
+}
