@@ -178,7 +178,7 @@ impl World {
     }
 
     /// Runs `f` on a thread inside the client namespace (sockets it opens live there).
-    async fn from_client<T, F>(&self, f: F) -> T
+    async fn as_client<T, F>(&self, f: F) -> T
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
@@ -226,7 +226,7 @@ impl NodeBox {
         let admin = self.addr(ADMIN);
         eventually("the node proxy is ready", SETTLE, || async {
             let r = world
-                .from_client(move || http_get(admin, "/readyz"))
+                .as_client(move || http_get(admin, "/readyz"))
                 .await
                 .ok()?;
             (r.status == 200).then_some(())
@@ -246,7 +246,7 @@ impl NodeBox {
     async fn metrics(&self, world: &World) -> String {
         let admin = self.addr(ADMIN);
         world
-            .from_client(move || http_get(admin, "/metrics"))
+            .as_client(move || http_get(admin, "/metrics"))
             .await
             .unwrap()
             .body
@@ -417,7 +417,7 @@ fn tcp_closed_at_once(addr: SocketAddr) -> std::io::Result<bool> {
 /// Asks `n` fresh connections in a row; returns the replying pods.
 async fn tcp_asks(world: &World, addr: SocketAddr, n: usize) -> Vec<String> {
     world
-        .from_client(move || {
+        .as_client(move || {
             (0..n)
                 .map(|_| tcp_ask(addr).expect("request through the node proxy"))
                 .collect()
@@ -438,7 +438,7 @@ async fn until_served_by(world: &World, addr: SocketAddr, want: &[&str]) {
         let want = want.clone();
         async move {
             let got = world
-                .from_client(move || {
+                .as_client(move || {
                     (0..n)
                         .map(|_| tcp_ask(addr))
                         .collect::<std::io::Result<Vec<_>>>()
@@ -488,7 +488,7 @@ async fn tcp_and_udp_round_trip_and_balance_across_pods() {
     // UDP: each client socket is a flow; replies come back; flows spread over both pods, and
     // a flow keeps its pod.
     let (spread, sticky) = w
-        .from_client(move || {
+        .as_client(move || {
             let spread: Vec<String> = (0..10)
                 .map(|i| udp_ask(udp, &format!("ping{i}")).expect("udp round trip"))
                 .collect();
@@ -564,7 +564,7 @@ async fn external_traffic_policy_local_uses_local_pods_and_answers_health_checks
     // kube-proxy's health check contract, exactly.
     let hc_a = node_a.addr(hc);
     let r = w
-        .from_client(move || http_get(hc_a, "/healthz"))
+        .as_client(move || http_get(hc_a, "/healthz"))
         .await
         .unwrap();
     assert_eq!(r.status, 200);
@@ -583,10 +583,7 @@ async fn external_traffic_policy_local_uses_local_pods_and_answers_health_checks
     // send to (the remote pod is never used) — connections are reset at once, and counted.
     w.set_ready(&pod_a, false).await;
     let r = eventually("node A's health check fails", SETTLE, || async {
-        let r = w
-            .from_client(move || http_get(hc_a, "/healthz"))
-            .await
-            .ok()?;
+        let r = w.as_client(move || http_get(hc_a, "/healthz")).await.ok()?;
         (r.status == 503).then_some(r)
     })
     .await;
@@ -602,7 +599,7 @@ async fn external_traffic_policy_local_uses_local_pods_and_answers_health_checks
     );
     let addr_a = node_a.addr(port);
     let closed = w
-        .from_client(move || {
+        .as_client(move || {
             (0..5)
                 .map(|_| tcp_closed_at_once(addr_a))
                 .collect::<Vec<_>>()
@@ -619,7 +616,7 @@ async fn external_traffic_policy_local_uses_local_pods_and_answers_health_checks
     // Node B still has its local pod.
     let hc_b = node_b.addr(hc);
     let r = w
-        .from_client(move || http_get(hc_b, "/healthz"))
+        .as_client(move || http_get(hc_b, "/healthz"))
         .await
         .unwrap();
     assert_eq!(r.status, 200);
@@ -644,13 +641,13 @@ async fn no_ready_endpoint_resets_tcp_drops_udp_and_counts_both() {
     let udp = node.addr(node_port(&svc, "UDP"));
     // The proxy may bind the port a moment after /readyz on a fresh Service.
     eventually("the node port is bound", SETTLE, || async {
-        w.from_client(move || TcpStream::connect_timeout(&tcp, IO_TIMEOUT).ok())
+        w.as_client(move || TcpStream::connect_timeout(&tcp, IO_TIMEOUT).ok())
             .await
             .map(|_| ())
     })
     .await;
     let (closed, udp_replies) = w
-        .from_client(move || {
+        .as_client(move || {
             let closed: Vec<_> = (0..3).map(|_| tcp_closed_at_once(tcp)).collect();
             let udp_replies: Vec<_> = (0..3)
                 .map(|i| udp_ask(udp, &format!("x{i}")).ok())
@@ -839,7 +836,7 @@ async fn deleted_service_closes_its_port_but_not_its_connections() {
     w.delete_service("del").await;
     eventually("the node port refuses connections", SETTLE, || async {
         let r = w
-            .from_client(move || TcpStream::connect_timeout(&addr, IO_TIMEOUT))
+            .as_client(move || TcpStream::connect_timeout(&addr, IO_TIMEOUT))
             .await;
         match r {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
@@ -878,7 +875,7 @@ async fn graceful_shutdown_fails_health_first_then_stops_accepting_then_drains()
     let admin = node.addr(ADMIN);
     until_served_by(&w, addr, &["pod-a"]).await;
     eventually("health check 200", SETTLE, || async {
-        let r = w.from_client(move || http_get(hc, "/healthz")).await.ok()?;
+        let r = w.as_client(move || http_get(hc, "/healthz")).await.ok()?;
         (r.status == 200).then_some(())
     })
     .await;
@@ -904,7 +901,7 @@ async fn graceful_shutdown_fails_health_first_then_stops_accepting_then_drains()
 
     // 1. Health fails at once, while the node port still accepts.
     let (health, ready, served) = w
-        .from_client(move || {
+        .as_client(move || {
             std::thread::sleep(Duration::from_millis(300));
             (
                 http_get(hc, "/healthz").unwrap(),
@@ -938,7 +935,7 @@ async fn graceful_shutdown_fails_health_first_then_stops_accepting_then_drains()
     // 2. After the delay: no new connections; the established one still works.
     eventually("the node port stops accepting", SETTLE, || async {
         let r = w
-            .from_client(move || TcpStream::connect_timeout(&addr, IO_TIMEOUT))
+            .as_client(move || TcpStream::connect_timeout(&addr, IO_TIMEOUT))
             .await;
         matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionRefused).then_some(())
     })
