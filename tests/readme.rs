@@ -51,7 +51,7 @@ fn flags_of(sub: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn every_controller_flag_is_documented() {
+fn every_flag_is_documented() {
     let text = readme();
     let documented = table_keys(&text, "### Flags");
     let documented_all: BTreeSet<String> = documented
