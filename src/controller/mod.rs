@@ -111,6 +111,15 @@ pub struct ControllerArgs {
     pub aws_targets_qps: f64,
     #[arg(long, env = "CLOUDLB_AWS_TARGETS_BURST", default_value_t = 20)]
     pub aws_targets_burst: u32,
+    /// Only TargetGroupBindings with all of these labels (`key=value,…`) are served (default:
+    /// every binding), so that more than one controller can share a cluster.
+    #[arg(
+        long,
+        env = "CLOUDLB_TARGET_GROUP_BINDING_SELECTOR",
+        value_parser = parse_labels,
+        default_value = ""
+    )]
+    pub target_group_binding_selector: std::collections::BTreeMap<String, String>,
     /// Delete resources tagged for this cluster whose Service no longer exists.
     #[arg(long, env = "CLOUDLB_ORPHAN_SWEEP")]
     pub orphan_sweep: bool,
@@ -355,7 +364,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
 
     let bindings = binding_controller(
         client.clone(),
-        args.concurrency,
+        &args,
         BindingTriggers {
             services: svc_rx,
             nodes: node_rx,
@@ -427,16 +436,16 @@ struct BindingTriggers {
 /// by node changes (instance targets) and by its Service's EndpointSlices (ip targets).
 fn binding_controller(
     client: Client,
-    concurrency: u16,
+    args: &ControllerArgs,
     triggers: BindingTriggers,
 ) -> Controller<TargetGroupBinding> {
-    let controller = Controller::new(
-        Api::<TargetGroupBinding>::all(client),
-        watcher::Config::default(),
-    )
-    .with_config(
+    let mut config = watcher::Config::default();
+    if !args.target_group_binding_selector.is_empty() {
+        config = config.labels(&label_selector(&args.target_group_binding_selector));
+    }
+    let controller = Controller::new(Api::<TargetGroupBinding>::all(client), config).with_config(
         ControllerConfig::default()
-            .concurrency(concurrency)
+            .concurrency(args.concurrency)
             .debounce(Duration::from_millis(200)),
     );
     let store = controller.store();
@@ -460,6 +469,15 @@ fn binding_controller(
             }
         })
         .reconcile_all_on(triggers.relists)
+}
+
+/// `{a: 1, b: 2}` → `a=1,b=2`, a Kubernetes label selector.
+fn label_selector(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn refs(
@@ -524,4 +542,27 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "cloudlb".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_flags_parse_and_become_selectors() {
+        let cases = [
+            ("", Ok("")),
+            ("a=1", Ok("a=1")),
+            (" b=2 , a=1,", Ok("a=1,b=2")),
+            ("a=", Ok("a=")),
+            ("a", Err(())),
+            ("=1", Err(())),
+        ];
+        for (flag, want) in cases {
+            let got = parse_labels(flag)
+                .map(|l| label_selector(&l))
+                .map_err(|_| ());
+            assert_eq!(got.as_deref().map_err(|_| ()), want, "{flag:?}");
+        }
+    }
 }
