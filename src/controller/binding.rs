@@ -260,7 +260,7 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
     };
     if let Some(o) = unusable(b, &tg) {
         report(b, ctx, &o).await?;
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(ctx.resync));
     }
     let active = match ctx.cloud.active_targets(arn).await {
         Ok(Some(a)) => a,
