@@ -231,7 +231,7 @@ pub fn instance_id_from_provider_id(provider_id: &str) -> Option<&str> {
 }
 
 /// Ready pod addresses and their port, per Service port name (for `ip` targets).
-fn endpoint_targets(slices: &[EndpointSlice], port_name: &str) -> BTreeSet<Target> {
+pub fn endpoint_targets(slices: &[EndpointSlice], port_name: &str) -> BTreeSet<Target> {
     let mut out = BTreeSet::new();
     for s in slices {
         let Some(port) = s

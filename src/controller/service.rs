@@ -39,6 +39,11 @@ pub struct Applied {
     at: Instant,
 }
 
+/// Whether the Service is of type LoadBalancer (of any class).
+fn is_load_balancer(svc: &Service) -> bool {
+    svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer")
+}
+
 /// Whether the Service is one this controller serves right now.
 pub fn is_ours(svc: &Service, cluster: &ClusterArgs) -> bool {
     let Some(spec) = svc.spec.as_ref() else {
@@ -396,6 +401,11 @@ async fn cleanup(
         .await
         .map_err(|e| report_sync_failure(svc, ctx, e))?;
     let changes = plan::plan(None, &observed);
+    if changes.is_empty() && !still_ours && is_load_balancer(svc) {
+        // A LoadBalancer Service of another class with nothing of ours in the cloud: the
+        // finalizer (one name for every cloudlb controller) is another controller's to remove.
+        return Ok(());
+    }
     if !changes.is_empty() {
         event(
             ctx,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag as Ec2Tag, TagSpecification};
@@ -318,25 +318,45 @@ impl ControllerProc {
         env: &[(&str, &str)],
     ) -> ControllerProc {
         let metrics_port = free_port();
-        let log = std::fs::File::create(std::env::temp_dir().join(format!(
-            "cloudlb-controller-{}-{metrics_port}.log",
-            cloud.cluster
-        )))
+        let mut args: Vec<String> = [
+            "controller",
+            "--cluster-name",
+            &cloud.cluster,
+            "--load-balancer-class",
+            &cloud.class,
+            "--node-selector",
+            &format!("cloudlb.io/test-cluster={}", cloud.cluster),
+            "--target-group-binding-selector",
+            &format!("cloudlb.io/test-cluster={}", cloud.cluster),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(rig, &cloud.cluster, &args, env, metrics_port)
+    }
+
+    /// `cloudlb` with exactly `args` (nothing added; they must serve /metrics on `metrics_port`),
+    /// logging to `$TMPDIR/cloudlb-controller-<name>-<port>.log`; `env` overrides the rig's.
+    pub fn spawn(
+        rig: &Rig,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        metrics_port: u16,
+    ) -> ControllerProc {
+        let log = std::fs::File::create(
+            std::env::temp_dir().join(format!("cloudlb-controller-{name}-{metrics_port}.log")),
+        )
         .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudlb"));
-        cmd.arg("controller")
-            .args(["--cluster-name", &cloud.cluster])
-            .args(["--load-balancer-class", &cloud.class])
-            .args([
-                "--node-selector",
-                &format!("cloudlb.io/test-cluster={}", cloud.cluster),
-            ])
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(extra)
+        cmd.args(args)
             .envs(rig.process_env())
             .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .env("RUST_LOG", "info,cloudlb=debug")
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
             .stderr(log);
         let child = cmd.spawn().expect("start controller");
         ControllerProc {
