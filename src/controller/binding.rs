@@ -21,7 +21,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tokio::sync::Mutex;
 use tracing::{Instrument, info, info_span, warn};
@@ -120,7 +120,7 @@ async fn reconcile_inner(
     ctx: &Context,
 ) -> Result<Action, BindingError> {
     // An empty store would mean "no nodes, no Service": never act on it.
-    if !synced(&ctx.nodes) || !synced(&ctx.slices) || !synced(&ctx.services) {
+    if !ctx.stores_synced() {
         return Err(BindingError::NotSynced);
     }
     let api: Api<TargetGroupBinding> =
@@ -136,13 +136,6 @@ async fn reconcile_inner(
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
         other => BindingError::Finalizer(Box::new(other)),
     })
-}
-
-fn synced<K: kube::runtime::reflector::Lookup + Clone + 'static>(store: &Store<K>) -> bool
-where
-    K::DynamicType: Eq + Hash + Clone,
-{
-    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
 /// The targets the binding wants now, from the shared stores.

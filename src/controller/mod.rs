@@ -187,6 +187,21 @@ pub struct Context {
     pub bindings: binding::State,
 }
 
+impl Context {
+    /// Whether the node, EndpointSlice and Service caches hold a full list. Until then a
+    /// desired state would be built from partial data (e.g. no nodes → every target
+    /// deregistered), so reconciles wait.
+    pub fn stores_synced(&self) -> bool {
+        fn synced<K: kube::runtime::reflector::Lookup + Clone + 'static>(store: &Store<K>) -> bool
+        where
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+        }
+        synced(&self.nodes) && synced(&self.slices) && synced(&self.services)
+    }
+}
+
 /// Loads the AWS configuration from the standard chain (env, profile, web identity, IMDS);
 /// `AWS_ENDPOINT_URL` points it at LocalStack.
 pub async fn aws_config(region: Option<&str>) -> aws_config::SdkConfig {

@@ -39,11 +39,6 @@ pub struct Applied {
     at: Instant,
 }
 
-/// Whether the Service is of type LoadBalancer (of any class).
-fn is_load_balancer(svc: &Service) -> bool {
-    svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer")
-}
-
 /// Whether the Service is one this controller serves right now.
 pub fn is_ours(svc: &Service, cluster: &ClusterArgs) -> bool {
     let Some(spec) = svc.spec.as_ref() else {
@@ -56,6 +51,14 @@ pub fn is_ours(svc: &Service, cluster: &ClusterArgs) -> bool {
         Some(c) => c == cluster.load_balancer_class,
         None => cluster.default_class,
     }
+}
+
+/// Whether the Service names a load balancer class other than ours.
+fn foreign_class(svc: &Service, cluster: &ClusterArgs) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_class.as_deref())
+        .is_some_and(|c| c != cluster.load_balancer_class)
 }
 
 /// Whether the Service asks for ip targets (then its EndpointSlices matter).
@@ -111,6 +114,14 @@ async fn reconcile_inner(
     ctx: &Context,
     key: &str,
 ) -> Result<Action, ReconcileError> {
+    if !ctx.stores_synced() {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    if foreign_class(svc, &ctx.cluster) {
+        // loadBalancerClass is immutable while the type is LoadBalancer: a Service of another
+        // class never was ours, whatever finalizers it carries.
+        return Ok(Action::await_change());
+    }
     let ours = is_ours(svc, &ctx.cluster);
     if !ours || svc.meta().deletion_timestamp.is_some() {
         if status::has_finalizer(svc, &ctx.finalizer) {
@@ -401,11 +412,6 @@ async fn cleanup(
         .await
         .map_err(|e| report_sync_failure(svc, ctx, e))?;
     let changes = plan::plan(None, &observed);
-    if changes.is_empty() && !still_ours && is_load_balancer(svc) {
-        // A LoadBalancer Service of another class with nothing of ours in the cloud: the
-        // finalizer (one name for every cloudlb controller) is another controller's to remove.
-        return Ok(());
-    }
     if !changes.is_empty() {
         event(
             ctx,
