@@ -150,21 +150,13 @@ async fn splice_pump(
             }
         }
         src.readable().await?;
-        let mut filled = None;
-        let result = src.try_io(Interest::READABLE, || {
-            let n = pipe.fill_from(src)?;
-            filled = Some(n);
-            if n > 0 && n < pipe.capacity() {
-                // Short: the socket is drained (see `pump`).
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(())
-        });
-        match result {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        // Unlike read(2), a short splice does not mean the socket is drained (the pipe may run
+        // out of slots first), so only EAGAIN drops readiness here.
+        let filled = match src.try_io(Interest::READABLE, || pipe.fill_from(src)) {
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
             Err(e) => return Err(e),
-        }
+        };
         if filled == Some(0) {
             let _ = SockRef::from(dst).shutdown(Shutdown::Write);
             return Ok(());

@@ -49,11 +49,6 @@ impl Pipe {
         self.len
     }
 
-    /// How much one fill may move.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Splices what `src` has (up to the free space) into the pipe; 0 means end of stream.
     pub fn fill_from(&mut self, src: &TcpStream) -> io::Result<usize> {
         let free = self.capacity - self.len;
