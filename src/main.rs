@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Controller(args) => runtime()?.block_on(cloudlb::controller::run(args)),
-        Command::NodeProxy(args) => runtime()?.block_on(cloudlb::proxy::run(args)),
+        Command::NodeProxy(args) => cloudlb::proxy::run(args),
         Command::Plan(args) => runtime()?.block_on(cloudlb::controller::plan_cmd::run(args)),
         Command::Crdgen => {
             for crd in cloudlb::crd::all() {

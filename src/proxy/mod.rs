@@ -41,20 +41,12 @@ use table::{Table, TableOptions};
 /// How often binding a port that failed (e.g. in use) is tried again.
 const BIND_RETRY: Duration = Duration::from_secs(5);
 
-/// Runs the node proxy until SIGTERM/SIGINT and its drain. It runs on a runtime of its own so
+/// Runs the node proxy until SIGTERM/SIGINT and its drain, on a runtime of its own so
 /// `--worker-threads` decides the data plane's thread budget (1 = a single-threaded runtime).
-pub async fn run(args: NodeProxyArgs) -> anyhow::Result<()> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("node-proxy".into())
-        .spawn(move || {
-            let result = runtime(args.worker_threads)
-                .context("building the node proxy runtime")
-                .and_then(|rt| rt.block_on(serve(args)));
-            let _ = done_tx.send(result);
-        })
-        .context("starting the node proxy thread")?;
-    done_rx.await.context("node proxy thread died")?
+pub fn run(args: NodeProxyArgs) -> anyhow::Result<()> {
+    runtime(args.worker_threads)
+        .context("building the node proxy runtime")?
+        .block_on(serve(args))
 }
 
 fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
