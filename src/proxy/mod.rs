@@ -1,10 +1,193 @@
-//! The node proxy: forwards NodePort traffic on this node to ready pod endpoints.
+//! The node proxy: forwards NodePort traffic on this node to ready pod endpoints, like
+//! kube-proxy's NodePort path in user space, and fails its health checks before it stops.
+//!
+//! `table` (pure) turns Services and EndpointSlices into frontends; `watch` keeps the table
+//! current (or `statics` fixes it from flags); `dataplane` makes the sockets match it; `tcp`,
+//! `udp` and `forward` move the bytes; `balance` picks backends; `health` and `metrics` report.
 
-/// Command-line settings of `cloudlb node-proxy`.
-#[derive(Clone, Debug, clap::Args)]
-pub struct NodeProxyArgs {}
+mod args;
+mod balance;
+mod dataplane;
+mod forward;
+mod frontend;
+mod health;
+mod metrics;
+mod statics;
+mod table;
+mod tcp;
+mod tracker;
+mod udp;
+mod watch;
 
-/// Runs the node proxy until SIGTERM/SIGINT.
-pub async fn run(_args: NodeProxyArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tracker::Tracker;
+
+pub use args::NodeProxyArgs;
+
+use dataplane::Dataplane;
+use frontend::Timeouts;
+use health::ProxyHealth;
+use metrics::Metrics;
+use table::{Table, TableOptions};
+
+/// How often binding a port that failed (e.g. in use) is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs the node proxy until SIGTERM/SIGINT and its drain. It runs on a runtime of its own so
+/// `--worker-threads` decides the data plane's thread budget (1 = a single-threaded runtime).
+pub async fn run(args: NodeProxyArgs) -> anyhow::Result<()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("node-proxy".into())
+        .spawn(move || {
+            let result = runtime(args.worker_threads)
+                .context("building the node proxy runtime")
+                .and_then(|rt| rt.block_on(serve(args)));
+            let _ = done_tx.send(result);
+        })
+        .context("starting the node proxy thread")?;
+    done_rx.await.context("node proxy thread died")?
+}
+
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 1 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}
+
+async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
+    let mut signals = Signals::new().context("installing signal handlers")?;
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Arc::new(ProxyHealth::default());
+    let admin = TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
+    tokio::spawn(health::serve_admin(
+        admin,
+        Arc::clone(&metrics),
+        Arc::clone(&proxy),
+        CancellationToken::new(),
+    ));
+
+    let (table_tx, mut table_rx) = tokio::sync::watch::channel(Arc::new(Table::default()));
+    if args.static_ports.is_empty() {
+        let node_name = args
+            .node_name
+            .clone()
+            .context("--node-name (or NODE_NAME) is required unless --static is given")?;
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to Kubernetes")?;
+        let opts = TableOptions {
+            node_name: node_name.clone(),
+            nodeport_services: args.nodeport_services,
+        };
+        info!(node = %node_name, bind = %args.bind_address, "node proxy starting");
+        tokio::spawn(watch::run(client, opts, table_tx));
+    } else {
+        let table = statics::build(&args.static_ports)?;
+        info!(bind = %args.bind_address, frontends = table.frontends.len(),
+              "node proxy starting in standalone mode");
+        table_tx.send_replace(Arc::new(table));
+        // Keep the sender: the table never changes, and the update loop just waits.
+        tokio::spawn(async move {
+            table_tx.closed().await;
+        });
+    }
+
+    let draining = CancellationToken::new();
+    let tracker = Tracker::default();
+    let timeouts = Timeouts {
+        connect: args.connect_timeout,
+        udp_idle: args.udp_idle_timeout,
+    };
+    let mut dataplane = Dataplane::new(
+        args.bind_address,
+        Arc::clone(&metrics),
+        Arc::clone(&proxy),
+        timeouts,
+        draining.clone(),
+        tracker.clone(),
+    );
+    // Table updates keep being applied through the whole shutdown: pods move meanwhile too.
+    let updates_proxy = Arc::clone(&proxy);
+    let updates = tokio::spawn(async move {
+        let mut retry = false;
+        loop {
+            let changed = if retry {
+                tokio::time::timeout(BIND_RETRY, table_rx.changed())
+                    .await
+                    .unwrap_or(Ok(()))
+            } else {
+                table_rx.changed().await
+            };
+            if changed.is_err() {
+                warn!("table source ended; serving the last table");
+                std::future::pending::<()>().await;
+            }
+            let table = table_rx.borrow_and_update().clone();
+            retry = !dataplane.apply(&table).await;
+            updates_proxy.set_synced();
+        }
+    });
+
+    signals.recv().await;
+    info!(delay = ?args.shutdown_health_delay, "shutting down: failing health checks first");
+    proxy.set_draining();
+    tokio::select! {
+        _ = tokio::time::sleep(args.shutdown_health_delay) => {}
+        _ = signals.recv() => info!("second signal: skipping the health delay"),
+    }
+    info!(timeout = ?args.drain_timeout, "no longer accepting; draining open connections");
+    draining.cancel();
+    let drained = tokio::select! {
+        r = tokio::time::timeout(args.drain_timeout, tracker.wait()) => r.is_ok(),
+        _ = signals.recv() => false,
+    };
+    if drained {
+        info!("drained; exiting");
+    } else {
+        info!(
+            open = tracker.len(),
+            "drain ended with connections still open; exiting"
+        );
+    }
+    updates.abort();
+    Ok(())
+}
+
+/// SIGTERM and SIGINT, either of which counts.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

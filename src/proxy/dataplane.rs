@@ -1,0 +1,223 @@
+//! Makes the running sockets match the table: binds new frontends and health-check ports, swaps
+//! the endpoint set of changed ones in place (listener untouched, open connections untouched),
+//! and closes removed ones. Logs each change once, at info.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use super::tracker::Tracker;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::frontend::{Lifecycle, PortState, Timeouts};
+use super::health::{self, ProxyHealth};
+use super::metrics::Metrics;
+use super::table::{Frontend, FrontendKey, HealthCheck, Protocol, Table};
+use super::{tcp, udp};
+
+struct RunningFrontend {
+    config: watch::Sender<Arc<Frontend>>,
+    removed: CancellationToken,
+    port: Arc<PortState>,
+}
+
+struct RunningHealthCheck {
+    check: watch::Sender<HealthCheck>,
+    stop: CancellationToken,
+}
+
+/// The sockets the proxy runs, by table key.
+pub struct Dataplane {
+    bind: IpAddr,
+    metrics: Arc<Metrics>,
+    proxy: Arc<ProxyHealth>,
+    timeouts: Timeouts,
+    draining: CancellationToken,
+    tracker: Tracker,
+    frontends: BTreeMap<FrontendKey, RunningFrontend>,
+    health_checks: BTreeMap<u16, RunningHealthCheck>,
+}
+
+impl Dataplane {
+    /// An empty dataplane; `tracker` will carry every connection and flow task.
+    pub fn new(
+        bind: IpAddr,
+        metrics: Arc<Metrics>,
+        proxy: Arc<ProxyHealth>,
+        timeouts: Timeouts,
+        draining: CancellationToken,
+        tracker: Tracker,
+    ) -> Dataplane {
+        Dataplane {
+            bind,
+            metrics,
+            proxy,
+            timeouts,
+            draining,
+            tracker,
+            frontends: BTreeMap::new(),
+            health_checks: BTreeMap::new(),
+        }
+    }
+
+    /// Applies `table`. Returns false when some socket could not be bound (retry later).
+    pub async fn apply(&mut self, table: &Table) -> bool {
+        let mut all_bound = true;
+        self.metrics.table_updated();
+
+        let gone: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !table.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.close_frontend(key);
+        }
+        for (key, frontend) in &table.frontends {
+            let same_service = self
+                .frontends
+                .get(key)
+                .map(|r| r.config.borrow().service == frontend.service);
+            match same_service {
+                Some(true) => self.update_frontend(*key, frontend),
+                Some(false) => {
+                    self.close_frontend(*key);
+                    all_bound &= self.open_frontend(*key, frontend).await;
+                }
+                None => all_bound &= self.open_frontend(*key, frontend).await,
+            }
+        }
+
+        let gone: Vec<u16> = self
+            .health_checks
+            .keys()
+            .filter(|k| !table.health_checks.contains_key(k))
+            .copied()
+            .collect();
+        for port in gone {
+            if let Some(hc) = self.health_checks.remove(&port) {
+                hc.stop.cancel();
+                let c = hc.check.borrow();
+                info!(port, service = %format!("{}/{}", c.namespace, c.name), "health check closed");
+            }
+        }
+        for (port, check) in &table.health_checks {
+            if let Some(running) = self.health_checks.get(port) {
+                running.check.send_if_modified(|current| {
+                    if current == check {
+                        return false;
+                    }
+                    info!(port, service = %format!("{}/{}", check.namespace, check.name),
+                          local_endpoints = check.local_endpoints, "health check changed");
+                    *current = check.clone();
+                    true
+                });
+            } else {
+                all_bound &= self.open_health_check(*port, check);
+            }
+        }
+        all_bound
+    }
+
+    fn update_frontend(&self, key: FrontendKey, frontend: &Arc<Frontend>) {
+        let Some(running) = self.frontends.get(&key) else {
+            return;
+        };
+        running.config.send_if_modified(|current| {
+            if **current == **frontend {
+                return false;
+            }
+            info!(frontend = %key, service = %frontend.service,
+                  endpoints = frontend.targets.len(), was = current.targets.len(),
+                  "endpoints changed");
+            running
+                .port
+                .metrics
+                .endpoints
+                .set(gauge_value(frontend.targets.len()));
+            *current = Arc::clone(frontend);
+            true
+        });
+    }
+
+    async fn open_frontend(&mut self, key: FrontendKey, frontend: &Arc<Frontend>) -> bool {
+        if self.draining.is_cancelled() {
+            return true;
+        }
+        let addr = SocketAddr::new(self.bind, key.node_port);
+        let metrics = self.metrics.port(key, &frontend.service);
+        metrics.endpoints.set(gauge_value(frontend.targets.len()));
+        let port = PortState::new(key, metrics, self.timeouts);
+        let (config, config_rx) = watch::channel(Arc::clone(frontend));
+        let removed = CancellationToken::new();
+        let life = Lifecycle {
+            removed: removed.clone(),
+            draining: self.draining.clone(),
+            tracker: self.tracker.clone(),
+        };
+        let bound = match key.protocol {
+            Protocol::Tcp => tcp::bind(addr).map(|listener| {
+                tokio::spawn(tcp::serve(listener, config_rx, Arc::clone(&port), life));
+            }),
+            Protocol::Udp => udp::bind(addr).await.map(|socket| {
+                self.tracker
+                    .spawn(udp::serve(socket, config_rx, Arc::clone(&port), life));
+            }),
+        };
+        if let Err(e) = bound {
+            warn!(frontend = %key, service = %frontend.service, error = %e, "cannot bind; will retry");
+            self.metrics.remove_port(&port.metrics);
+            return false;
+        }
+        info!(frontend = %key, service = %frontend.service, endpoints = frontend.targets.len(),
+              "listening");
+        self.frontends.insert(
+            key,
+            RunningFrontend {
+                config,
+                removed,
+                port,
+            },
+        );
+        true
+    }
+
+    fn close_frontend(&mut self, key: FrontendKey) {
+        if let Some(running) = self.frontends.remove(&key) {
+            running.removed.cancel();
+            self.metrics.remove_port(&running.port.metrics);
+            info!(frontend = %key, service = %running.config.borrow().service, "closed");
+        }
+    }
+
+    fn open_health_check(&mut self, port: u16, check: &HealthCheck) -> bool {
+        let addr = SocketAddr::new(self.bind, port);
+        let listener = match tcp::bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(port, error = %e, "cannot bind health check port; will retry");
+                return false;
+            }
+        };
+        let (tx, rx) = watch::channel(check.clone());
+        let stop = CancellationToken::new();
+        tokio::spawn(health::serve_health_check(
+            listener,
+            rx,
+            Arc::clone(&self.proxy),
+            stop.clone(),
+        ));
+        info!(port, service = %format!("{}/{}", check.namespace, check.name),
+              local_endpoints = check.local_endpoints, "health check listening");
+        self.health_checks
+            .insert(port, RunningHealthCheck { check: tx, stop });
+        true
+    }
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,119 @@
+//! The TCP frontend: accepts on a node port, picks a backend, connects and forwards. A
+//! connection keeps the backend it got; endpoint updates only change where new ones go.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tracing::debug;
+
+use super::forward;
+use super::frontend::{Lifecycle, PortState};
+use super::table::Frontend;
+
+/// Connections waiting to be accepted, per listener.
+const BACKLOG: u32 = 4096;
+/// Backends tried for one connection before giving up on it.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Binds a listener (SO_REUSEADDR, so a restarted proxy binds despite TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Accepts until the frontend is removed or the proxy drains; each connection gets its own task
+/// (tracked, so shutdown can wait for it) and outlives the listener.
+pub async fn serve(
+    listener: TcpListener,
+    config: watch::Receiver<Arc<Frontend>>,
+    port: Arc<PortState>,
+    life: Lifecycle,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = life.removed.cancelled() => break,
+            _ = life.draining.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let frontend = config.borrow().clone();
+                life.tracker
+                    .spawn(handle(client, peer, frontend, Arc::clone(&port)));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: count, back off briefly, carry on.
+                port.metrics.io_errors.inc();
+                debug!(frontend = %port.key, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    frontend: Arc<Frontend>,
+    port: Arc<PortState>,
+) {
+    let metrics = &port.metrics;
+    let Some(backend) = connect(peer, &frontend, &port).await else {
+        // No endpoint or none reachable: reset at once rather than leave the client waiting.
+        let _ = client.set_zero_linger();
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
+    metrics.connections.inc();
+    let _active = super::metrics::ActiveGuard::new(&metrics.active);
+    if forward::forward(&client, &backend, &metrics.bytes_in, &metrics.bytes_out)
+        .await
+        .is_err()
+    {
+        // One side failed: reset the other too, as a NAT would pass the RST on.
+        metrics.io_errors.inc();
+        let _ = client.set_zero_linger();
+        let _ = backend.set_zero_linger();
+    }
+}
+
+/// Connects to the balancer's pick; when that fails, to the next targets in order (up to
+/// `CONNECT_ATTEMPTS` in all). Counts what went wrong.
+async fn connect(peer: SocketAddr, frontend: &Frontend, port: &PortState) -> Option<TcpStream> {
+    let metrics = &port.metrics;
+    let targets = &frontend.targets;
+    let Some(first) = port
+        .balancer
+        .pick(targets, peer.ip(), frontend.affinity, Instant::now())
+    else {
+        metrics.no_endpoints.inc();
+        return None;
+    };
+    let start = targets.binary_search(&first).unwrap_or(0);
+    let attempts = targets.len().min(CONNECT_ATTEMPTS);
+    for i in 0..attempts {
+        let target = targets[(start + i) % targets.len()];
+        match tokio::time::timeout(port.connect_timeout, TcpStream::connect(target)).await {
+            Ok(Ok(backend)) => return Some(backend),
+            Ok(Err(e)) => {
+                debug!(frontend = %port.key, %target, error = %e, "connect failed");
+            }
+            Err(_) => {
+                debug!(frontend = %port.key, %target, "connect timed out");
+            }
+        }
+        metrics.connect_errors.inc();
+    }
+    None
+}
