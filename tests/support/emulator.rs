@@ -500,13 +500,16 @@ async fn poll_once(shared: &Arc<Shared>) -> anyhow::Result<()> {
     }
 
     // Instance ids → private IPs (cached: an instance's primary private IP never changes).
+    // (Unique ids: moto fails DescribeInstances when one is given twice.)
     let unknown: Vec<String> = {
         let st = shared.state.lock().unwrap();
-        tgs.values()
+        let ids: std::collections::BTreeSet<String> = tgs
+            .values()
             .filter(|tg| tg.target_type == "instance")
             .flat_map(|tg| tg.targets.iter().map(|(id, _)| id.clone()))
             .filter(|id| !st.instance_ips.contains_key(id))
-            .collect()
+            .collect();
+        ids.into_iter().collect()
     };
     if !unknown.is_empty() {
         let out = shared
