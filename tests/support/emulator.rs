@@ -240,6 +240,7 @@ impl Emulator {
             transitions: Mutex::new(Vec::new()),
             counters: Counters::default(),
         });
+        write_map(&shared); // empty until the first load balancer appears
         let cancel = CancellationToken::new();
         let task = tokio::spawn(poll_loop(shared.clone(), cancel.clone()));
         Emulator {
@@ -1248,9 +1249,25 @@ async fn tcp_flow(
             return;
         }
     }
-    let outcome = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => Some(r.is_ok()),
-        _ = kill.cancelled() => None,
+    // Each direction on its own, FIN for FIN: what one side sent before closing (or resetting)
+    // still reaches the other, as through an NLB. A reset on either side resets both at the end.
+    let outcome = {
+        let (mut cr, mut cw) = client.split();
+        let (mut ur, mut uw) = upstream.split();
+        let to_target = async {
+            let r = tokio::io::copy(&mut cr, &mut uw).await;
+            let _ = uw.shutdown().await;
+            r
+        };
+        let to_client = async {
+            let r = tokio::io::copy(&mut ur, &mut cw).await;
+            let _ = cw.shutdown().await;
+            r
+        };
+        tokio::select! {
+            (a, b) = async { tokio::join!(to_target, to_client) } => Some(a.is_ok() && b.is_ok()),
+            _ = kill.cancelled() => None,
+        }
     };
     target.active.fetch_sub(1, Ordering::Relaxed);
     match outcome {
