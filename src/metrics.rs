@@ -36,6 +36,8 @@ pub struct ControllerMetrics {
     pub aws_calls: Family<AwsCallLabels, Counter>,
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_seconds: Histogram,
+    pub binding_reconciles: Family<ResultLabels, Counter>,
+    pub binding_reconcile_seconds: Histogram,
     pub managed_load_balancers: Gauge,
     pub orphans_deleted: Counter,
     pub leader: Gauge,
@@ -63,6 +65,18 @@ impl ControllerMetrics {
             "Time per Service reconcile",
             reconcile_seconds.clone(),
         );
+        let binding_reconciles = Family::<ResultLabels, Counter>::default();
+        r.register(
+            "target_group_binding_reconciles",
+            "TargetGroupBinding reconciles by result",
+            binding_reconciles.clone(),
+        );
+        let binding_reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        r.register(
+            "target_group_binding_reconcile_duration_seconds",
+            "Time per TargetGroupBinding reconcile",
+            binding_reconcile_seconds.clone(),
+        );
         let managed_load_balancers = Gauge::default();
         r.register(
             "managed_load_balancers",
@@ -85,6 +99,8 @@ impl ControllerMetrics {
             aws_calls,
             reconciles,
             reconcile_seconds,
+            binding_reconciles,
+            binding_reconcile_seconds,
             managed_load_balancers,
             orphans_deleted,
             leader,

@@ -103,6 +103,25 @@ pub struct ListenerSpec {
     pub tags: BTreeMap<String, String>,
 }
 
+/// One ingress rule of the managed security group.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IngressRule {
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    pub port: i32,
+    pub cidr: String,
+}
+
+/// The security group cloudlb manages for a load balancer (unless the security-groups
+/// annotation names the groups to use): ingress on every listener port from
+/// `spec.loadBalancerSourceRanges` (everywhere when empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecurityGroupSpec {
+    pub name: String,
+    pub ingress: BTreeSet<IngressRule>,
+    pub tags: BTreeMap<String, String>,
+}
+
 /// Everything one Service should have in the cloud.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredLoadBalancer {
@@ -111,7 +130,10 @@ pub struct DesiredLoadBalancer {
     pub ip_address_type: IpAddressType,
     /// Subnet ids or Name tags from the annotation; `None` means discover by tags.
     pub subnets: Option<Vec<String>>,
+    /// Security groups named by the annotation (then no managed group).
     pub security_groups: Option<Vec<String>>,
+    /// The managed security group, when the annotation names none.
+    pub managed_security_group: Option<SecurityGroupSpec>,
     pub attributes: BTreeMap<String, String>,
     pub tags: BTreeMap<String, String>,
     pub listeners: Vec<ListenerSpec>,
@@ -209,7 +231,7 @@ pub fn instance_id_from_provider_id(provider_id: &str) -> Option<&str> {
 }
 
 /// Ready pod addresses and their port, per Service port name (for `ip` targets).
-fn endpoint_targets(slices: &[EndpointSlice], port_name: &str) -> BTreeSet<Target> {
+pub fn endpoint_targets(slices: &[EndpointSlice], port_name: &str) -> BTreeSet<Target> {
     let mut out = BTreeSet::new();
     for s in slices {
         let Some(port) = s
@@ -456,13 +478,48 @@ pub fn desired_load_balancer(
         });
     }
 
+    let lb_name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| load_balancer_name(&cluster.cluster_name, namespace, name));
+    let managed_security_group = match &opts.security_groups {
+        Some(_) => None,
+        None => {
+            let ranges: Vec<String> = match spec.load_balancer_source_ranges.as_deref() {
+                Some(r) if !r.is_empty() => r.iter().map(|c| c.trim().to_string()).collect(),
+                _ => vec!["0.0.0.0/0".to_string()],
+            };
+            let mut ingress = BTreeSet::new();
+            for l in &listeners {
+                let protocols: &[&str] = match l.protocol {
+                    Protocol::Tcp | Protocol::Tls => &["tcp"],
+                    Protocol::Udp => &["udp"],
+                    Protocol::TcpUdp => &["tcp", "udp"],
+                };
+                for p in protocols {
+                    for cidr in &ranges {
+                        ingress.insert(IngressRule {
+                            protocol: p.to_string(),
+                            port: l.port,
+                            cidr: cidr.clone(),
+                        });
+                    }
+                }
+            }
+            let mut sg_tags = base_tags.clone();
+            sg_tags.insert(tags::RESOURCE.into(), "securitygroup".into());
+            Some(SecurityGroupSpec {
+                name: lb_name.clone(),
+                ingress,
+                tags: sg_tags,
+            })
+        }
+    };
     let mut lb_tags = base_tags;
     lb_tags.insert(tags::RESOURCE.into(), "loadbalancer".into());
     Ok(DesiredLoadBalancer {
-        name: opts
-            .name
-            .clone()
-            .unwrap_or_else(|| load_balancer_name(&cluster.cluster_name, namespace, name)),
+        name: lb_name,
+        managed_security_group,
         scheme: opts.scheme,
         ip_address_type: opts.ip_address_type,
         subnets: opts.subnets.clone(),
@@ -773,6 +830,44 @@ mod tests {
         );
         assert!(m.target_groups.iter().all(|t| t.tags["team"] == "a"));
         assert_eq!(m.tags["team"], "a");
+    }
+
+    #[test]
+    fn managed_security_group_opens_listener_ports_to_source_ranges() {
+        let m = model(
+            json!({"loadBalancerSourceRanges": ["10.213.0.0/24", "192.0.2.0/24"], "ports": [
+                {"port": 53, "nodePort": 30053, "protocol": "TCP"},
+                {"port": 53, "nodePort": 30053, "protocol": "UDP"},
+                {"port": 80, "nodePort": 30080}]}),
+            &[],
+        )
+        .unwrap();
+        let sg = m.managed_security_group.expect("managed group");
+        assert_eq!(sg.name, m.name);
+        let rules: Vec<(String, i32, String)> = sg
+            .ingress
+            .iter()
+            .map(|r| (r.protocol.clone(), r.port, r.cidr.clone()))
+            .collect();
+        assert_eq!(rules.len(), 6, "{rules:?}");
+        assert!(rules.contains(&("udp".into(), 53, "192.0.2.0/24".into())));
+        assert!(rules.contains(&("tcp".into(), 80, "10.213.0.0/24".into())));
+        let open = model(json!({"ports": [{"port": 80, "nodePort": 30080}]}), &[]).unwrap();
+        let rules: Vec<_> = open
+            .managed_security_group
+            .unwrap()
+            .ingress
+            .into_iter()
+            .map(|r| r.cidr)
+            .collect();
+        assert_eq!(rules, vec!["0.0.0.0/0".to_string()]);
+        let explicit = model(
+            json!({"ports": [{"port": 80, "nodePort": 30080}]}),
+            &[("security-groups", "sg-1")],
+        )
+        .unwrap();
+        assert!(explicit.managed_security_group.is_none());
+        assert_eq!(explicit.security_groups, Some(vec!["sg-1".to_string()]));
     }
 
     #[test]

@@ -426,42 +426,51 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
         }
     };
     let granted: BTreeSet<String> = statements.iter().flat_map(actions_of).collect();
-    let elb = [
-        "DescribeLoadBalancers",
-        "DescribeLoadBalancerAttributes",
-        "DescribeListeners",
-        "DescribeTargetGroups",
-        "DescribeTargetGroupAttributes",
-        "DescribeTargetHealth",
-        "DescribeTags",
-        "CreateLoadBalancer",
-        "CreateTargetGroup",
-        "CreateListener",
-        "DeleteLoadBalancer",
-        "DeleteTargetGroup",
-        "DeleteListener",
-        "ModifyLoadBalancerAttributes",
-        "ModifyTargetGroup",
-        "ModifyTargetGroupAttributes",
-        "ModifyListener",
-        "RegisterTargets",
-        "DeregisterTargets",
-        "AddTags",
-        "RemoveTags",
-        "SetIpAddressType",
-    ];
-    let ec2 = [
+    // Exactly the operations src/cloud/aws.rs calls (every call goes through `call("Op", …)`),
+    // plus tagging on create (ELBv2 AddTags, EC2 CreateTags), which AWS authorizes separately.
+    let code = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cloud/aws.rs"))
+        .expect("aws.rs");
+    let ec2_ops = [
         "DescribeSubnets",
-        "DescribeInstances",
-        "DescribeVpcs",
         "DescribeSecurityGroups",
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "RevokeSecurityGroupIngress",
+        "DeleteSecurityGroup",
     ];
-    let want: BTreeSet<String> = elb
-        .iter()
-        .map(|a| format!("elasticloadbalancing:{a}"))
-        .chain(ec2.iter().map(|a| format!("ec2:{a}")))
+    let called: BTreeSet<String> = code
+        .split(".call(")
+        .skip(1)
+        .filter_map(|rest| {
+            rest.trim_start()
+                .strip_prefix('"')?
+                .split('"')
+                .next()
+                .map(str::to_string)
+        })
         .collect();
-    assert_eq!(granted, want);
+    assert!(
+        called.len() > 15,
+        "found too few AWS operations in aws.rs: {called:?}"
+    );
+    let want: BTreeSet<String> = called
+        .iter()
+        .map(|op| {
+            if ec2_ops.contains(&op.as_str()) {
+                format!("ec2:{op}")
+            } else {
+                format!("elasticloadbalancing:{op}")
+            }
+        })
+        .chain([
+            "elasticloadbalancing:AddTags".to_string(),
+            "ec2:CreateTags".to_string(),
+        ])
+        .collect();
+    assert_eq!(
+        granted, want,
+        "the IAM policy must grant exactly what the code calls"
+    );
 
     for s in statements {
         assert_eq!(s["Effect"], "Allow");
@@ -474,7 +483,12 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
                     "{action} must require the cluster request tag: {s}"
                 );
             }
-            if name.starts_with("Delete") || name.starts_with("Modify") || name == "RemoveTags" {
+            let guarded_by_resource_tag = !(name.starts_with("Describe")
+                || name.starts_with("Create")
+                || name == "AddTags"
+                || name == "RegisterTargets"
+                || name == "DeregisterTargets");
+            if guarded_by_resource_tag {
                 assert!(
                     condition.contains("aws:ResourceTag/cloudlb.io/cluster"),
                     "{action} must be limited to resources with the cluster tag: {s}"
@@ -874,4 +888,230 @@ async fn installed_chart_gives_the_node_proxy_read_only_access() {
             "node proxy: can-i {verb} {resource}"
         );
     }
+}
+
+/// A kubeconfig file for the rig's apiserver that authenticates with `token` only.
+fn token_kubeconfig(rig: &Rig, token: &str) -> tempfile::NamedTempFile {
+    let kc = kube::config::Kubeconfig::read_from(&rig.kubeconfig).expect("read kubeconfig");
+    let cluster = kc.clusters[0].cluster.as_ref().expect("cluster");
+    let server = cluster.server.as_deref().expect("server");
+    let ca = cluster
+        .certificate_authority_data
+        .as_deref()
+        .expect("CA data");
+    let mut file = tempfile::NamedTempFile::new().expect("temp kubeconfig");
+    std::io::Write::write_all(
+        &mut file,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: rig\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context: {{cluster: rig, user: sa}}\ncurrent-context: sa\n"
+        )
+        .as_bytes(),
+    )
+    .expect("write kubeconfig");
+    file
+}
+
+/// The installed Deployment's container args, with the metrics address moved to a free loopback
+/// port (the host process shares the host's network).
+fn deployment_args(rig: &Rig, ns: &str, name: &str, metrics_port: u16) -> Vec<String> {
+    let out = rig.kubectl(&[
+        "get",
+        "deployment",
+        name,
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ]);
+    let args: Vec<String> = serde_json::from_str(&out).expect("args are a JSON list");
+    args.into_iter()
+        .map(|a| match a.strip_prefix("--metrics-addr=") {
+            Some(_) => format!("--metrics-addr=127.0.0.1:{metrics_port}"),
+            None => a,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn controller_with_only_the_chart_token_runs_a_service_and_a_binding_lifecycle() {
+    use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, TargetTypeEnum};
+    use cloudlb::crd::TargetGroupBinding;
+    use std::time::Duration;
+    use support::cloud::{ControllerProc, TestCloud, free_port};
+    use support::{TestNode, eventually};
+
+    const WAIT: Duration = Duration::from_secs(30);
+    let rig = Rig::get();
+    let cloud = TestCloud::new(rig, "ctok").await;
+    let selector = format!("cloudlb.io/test-cluster={}", cloud.cluster);
+    let release = Release::install(
+        rig,
+        &[
+            &format!("clusterName={}", cloud.cluster),
+            &format!("loadBalancerClass={}", cloud.class),
+            "awsEndpoint=http://127.0.0.1:4566",
+            &format!("controller.extraArgs[0]=--node-selector={selector}"),
+            &format!("controller.extraArgs[1]=--target-group-binding-selector={selector}"),
+        ],
+    )
+    .await;
+    let ns = release.ns.name.clone();
+    let sa = release.component("controller");
+    let i1 = cloud.instance(None).await;
+    let labels = json!({"cloudlb.io/test-cluster": cloud.cluster});
+    let _n1 = TestNode::new(
+        rig,
+        "ctok-a",
+        "10.213.254.1",
+        Some(&TestCloud::provider_id(&i1)),
+        labels,
+    )
+    .await;
+
+    // The chart's own flags (leader election on the chart's Lease included), the chart's token.
+    let metrics_port = free_port();
+    let args = deployment_args(rig, &ns, &sa, metrics_port);
+    assert!(
+        args.contains(&"--leader-elect".to_string())
+            && args.contains(&format!("--lease-name={sa}"))
+            && args.contains(&format!("--lease-namespace={ns}")),
+        "{args:?}"
+    );
+    let kubeconfig = token_kubeconfig(rig, &token(rig, &sa, &ns));
+    let kubeconfig_path = kubeconfig.path().display().to_string();
+    let who = rig.kubectl(&[
+        "auth",
+        "whoami",
+        "--kubeconfig",
+        &kubeconfig_path,
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]);
+    assert_eq!(who, format!("system:serviceaccount:{ns}:{sa}"));
+    let controller = ControllerProc::spawn(
+        rig,
+        &cloud.cluster,
+        &args,
+        &[
+            ("KUBECONFIG", kubeconfig_path.as_str()),
+            ("POD_NAME", "chart-token-test"),
+        ],
+        metrics_port,
+    );
+    let leases: Api<Lease> = Api::namespaced(rig.client().await, &ns);
+    eventually("the controller holds the chart's Lease", WAIT, || async {
+        let lease = leases.get_opt(&sa).await.ok()??;
+        (lease.spec?.holder_identity.as_deref() == Some("chart-token-test")).then_some(())
+    })
+    .await;
+
+    // A Service's whole LoadBalancer lifecycle.
+    let apps = TestNamespace::new(rig, "ctok-apps").await;
+    let client = rig.client().await;
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &apps.name);
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": cloud.class,
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    }))
+    .expect("service");
+    svcs.create(&PostParams::default(), &svc)
+        .await
+        .expect("create service");
+    let host = eventually("hostname in status", WAIT, || async {
+        let s = svcs.get("web").await.ok()?;
+        s.status?.load_balancer?.ingress?.first()?.hostname.clone()
+    })
+    .await;
+    let table = rig.kubectl(&["get", "svc", "web", "-n", &apps.name]);
+    assert!(
+        table.contains("EXTERNAL-IP") && table.contains(&host),
+        "{table}"
+    );
+    let describe = eventually("the controller's Events in describe", WAIT, || async {
+        let d = rig.kubectl(&["describe", "svc", "web", "-n", &apps.name]);
+        (d.contains("EnsuringLoadBalancer") && d.contains("EnsuredLoadBalancer")).then_some(d)
+    })
+    .await;
+    assert!(describe.contains("cloudlb-controller"), "{describe}");
+    assert!(
+        !cloud.inventory().await.is_empty(),
+        "the NLB is tagged with the cluster"
+    );
+
+    // A TargetGroupBinding's lifecycle: targets, status, finalizer.
+    let tg = cloud
+        .elb
+        .create_target_group()
+        .name(format!("{}-tg", cloud.cluster))
+        .protocol(ProtocolEnum::Tcp)
+        .port(80)
+        .vpc_id(&cloud.vpc_id)
+        .target_type(TargetTypeEnum::Instance)
+        .send()
+        .await
+        .expect("target group");
+    let tg_arn = tg.target_groups()[0]
+        .target_group_arn()
+        .expect("arn")
+        .to_string();
+    let bindings: Api<TargetGroupBinding> = Api::namespaced(client.clone(), &apps.name);
+    let binding: TargetGroupBinding = serde_json::from_value(json!({
+        "apiVersion": "cloudlb.io/v1beta1", "kind": "TargetGroupBinding",
+        "metadata": {"name": "web", "labels": {"cloudlb.io/test-cluster": cloud.cluster}},
+        "spec": {"targetGroupARN": tg_arn, "serviceRef": {"name": "web", "port": "http"}}
+    }))
+    .expect("binding");
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create binding");
+    eventually("binding Ready with one target", WAIT, || async {
+        let b = bindings.get("web").await.ok()?;
+        let s = b.status?;
+        let ready = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == cloudlb::crd::ConditionStatus::True);
+        (ready && s.registered_targets == Some(1)).then_some(())
+    })
+    .await;
+    assert_eq!(cloud.targets(&tg_arn).await.len(), 1);
+    bindings
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete binding");
+    eventually("binding gone, its targets deregistered", WAIT, || async {
+        let gone = bindings.get_opt("web").await.ok()?.is_none();
+        (gone && cloud.targets(&tg_arn).await.is_empty()).then_some(())
+    })
+    .await;
+
+    // Delete → finalizer released, nothing tagged with the cluster left.
+    svcs.delete("web", &DeleteParams::default())
+        .await
+        .expect("delete service");
+    eventually("service gone", WAIT, || async {
+        svcs.get_opt("web").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(cloud.inventory().await, vec![], "no cloud resource left");
+
+    let log = std::fs::read_to_string(std::env::temp_dir().join(format!(
+        "cloudlb-controller-{}-{metrics_port}.log",
+        cloud.cluster
+    )))
+    .unwrap_or_default();
+    assert!(
+        !log.contains("forbidden") && !log.contains("Forbidden"),
+        "the chart's RBAC refused the controller something:\n{log}"
+    );
+    drop(controller);
+    cloud
+        .elb
+        .delete_target_group()
+        .target_group_arn(&tg_arn)
+        .send()
+        .await
+        .expect("delete target group");
 }

@@ -100,13 +100,14 @@ async fn full_lifecycle_create_nodes_ports_delete() {
 
     let client = rig.client().await;
     let api: Api<Service> = Api::namespaced(client.clone(), &ns.name);
-    let svc = lb_service(
+    let mut svc = lb_service(
         "web",
         &cloud.class,
         json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080},
                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]),
         json!({}),
     );
+    svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["10.213.0.0/16".into()]);
     let created_at = Instant::now();
     api.create(&PostParams::default(), &svc).await.unwrap();
 
@@ -114,12 +115,10 @@ async fn full_lifecycle_create_nodes_ports_delete() {
     let host = eventually("hostname in status", WAIT, || hostname(&api, "web")).await;
     eprintln!("service → hostname in {:?}", created_at.elapsed());
     let svc = api.get("web").await.unwrap();
-    assert!(
-        svc.metadata
-            .finalizers
-            .clone()
-            .unwrap_or_default()
-            .contains(&"cloudlb.io/load-balancer-cleanup".to_string())
+    let finalizer = format!("cloudlb.io/cleanup-{}", cloud.class.replace('/', "-"));
+    assert_eq!(
+        svc.metadata.finalizers.clone().unwrap_or_default(),
+        vec![finalizer]
     );
     let lb_name = host
         .split('.')
@@ -162,6 +161,17 @@ async fn full_lifecycle_create_nodes_ports_delete() {
             svc.metadata.uid.clone().unwrap()
         );
     }
+
+    // loadBalancerSourceRanges → the managed security group, attached to the NLB.
+    let sgs = cloud.security_groups().await;
+    assert_eq!(sgs.len(), 1, "{sgs:?}");
+    let want_rules: BTreeSet<(String, i32, String)> = [
+        ("tcp".into(), 80, "10.213.0.0/16".into()),
+        ("udp".into(), 53, "10.213.0.0/16".into()),
+    ]
+    .into();
+    assert_eq!(sgs[0].1, want_rules);
+    assert_eq!(lb.security_groups(), [sgs[0].0.clone()]);
 
     // kubectl shows it as EXTERNAL-IP.
     let table = rig.kubectl(&["get", "svc", "web", "-n", &ns.name]);
@@ -563,4 +573,95 @@ async fn external_traffic_policy_local_health_check_and_foreign_name_collision()
         .send()
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn plan_prints_the_changes_and_changes_nothing() {
+    let rig = Rig::get();
+    let ns = TestNamespace::new(rig, "plan").await;
+    let cloud = TestCloud::new(rig, "plan").await;
+    let i1 = cloud.instance(None).await;
+    let _n1 = TestNode::new(
+        rig,
+        "plan-a",
+        "10.213.250.31",
+        Some(&TestCloud::provider_id(&i1)),
+        json!({"cloudlb.io/test-cluster": cloud.cluster}),
+    )
+    .await;
+    let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
+    api.create(
+        &PostParams::default(),
+        &lb_service(
+            "web",
+            &cloud.class,
+            json!([{"port": 80, "protocol": "TCP"}]),
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap();
+    let plan = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudlb"))
+            .args([
+                "plan",
+                "--cluster-name",
+                &cloud.cluster,
+                "--load-balancer-class",
+                &cloud.class,
+                "-n",
+                &ns.name,
+            ])
+            .args([
+                "--node-selector",
+                &format!("cloudlb.io/test-cluster={}", cloud.cluster),
+            ])
+            .envs(rig.process_env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = plan();
+    let key = format!("{}/web", ns.name);
+    for want in [
+        "CreateTargetGroup",
+        "RegisterTargets",
+        "CreateSecurityGroup",
+        "CreateLoadBalancer",
+        "CreateListener",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&key) && l.contains(want)),
+            "{want} missing in:\n{text}"
+        );
+    }
+    assert!(
+        text.contains(&i1),
+        "the node's instance is in the plan:\n{text}"
+    );
+    assert!(text.trim_end().ends_with("5 change(s)"), "{text}");
+    assert_eq!(
+        cloud.inventory().await,
+        vec![],
+        "plan must not create anything"
+    );
+    assert!(
+        api.get("web").await.unwrap().metadata.finalizers.is_none(),
+        "plan must not touch the Service"
+    );
+
+    // After the controller applied it, the plan is empty.
+    let _controller = ControllerProc::start(rig, &cloud, &[]);
+    eventually("hostname", WAIT, || hostname(&api, "web")).await;
+    let text = plan();
+    assert!(
+        text.contains(&format!("{key}: up to date")) && text.trim_end().ends_with("0 change(s)"),
+        "{text}"
+    );
 }

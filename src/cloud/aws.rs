@@ -24,14 +24,15 @@ use tokio::sync::Mutex;
 
 use super::CloudError;
 use super::plan::{
-    Change, LoadBalancerRef, ObservedListener, ObservedLoadBalancer, ObservedStack,
-    ObservedTargetGroup, TargetGroupRef,
+    Change, LoadBalancerRef, ObservedListener, ObservedLoadBalancer, ObservedSecurityGroup,
+    ObservedStack, ObservedTargetGroup, SecurityGroupRef, TargetGroupRef,
 };
 use super::ratelimit::TokenBucket;
 use crate::annotations::{HealthCheckProtocol, Scheme};
 use crate::metrics::{AwsCallLabels, ControllerMetrics};
 use crate::model::{
-    DesiredLoadBalancer, HealthCheckSpec, ListenerSpec, Protocol, Target, TargetGroupSpec, tags,
+    DesiredLoadBalancer, HealthCheckSpec, IngressRule, ListenerSpec, Protocol, Target,
+    TargetGroupSpec, tags,
 };
 
 /// Client-side limits, per call family.
@@ -89,12 +90,22 @@ pub struct AwsCloud {
     networks: Mutex<BTreeMap<String, Network>>,
 }
 
+/// A target group bound by a TargetGroupBinding, as read from AWS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundTargetGroup {
+    pub name: String,
+    /// `instance`, `ip`, `lambda` or `alb`, as ELBv2 spells it.
+    pub target_type: String,
+    pub tags: BTreeMap<String, String>,
+}
+
 /// Arns learned while applying a plan (existing ones from observation, new ones on create).
 #[derive(Clone, Debug, Default)]
 pub struct ApplyState {
     pub load_balancer_arn: Option<String>,
     pub dns_name: Option<String>,
     pub target_group_arns: BTreeMap<String, String>,
+    pub security_group_id: Option<String>,
 }
 
 impl ApplyState {
@@ -107,6 +118,21 @@ impl ApplyState {
                 .iter()
                 .map(|t| (t.name.clone(), t.arn.clone()))
                 .collect(),
+            security_group_id: o.security_group.as_ref().map(|g| g.id.clone()),
+        }
+    }
+
+    fn security_group(&self) -> Result<String, CloudError> {
+        self.security_group_id
+            .clone()
+            .ok_or_else(|| CloudError::Internal("security group not created".into()))
+    }
+
+    /// The groups a load balancer gets: the annotation's, or the managed one.
+    fn groups_for(&self, explicit: &Option<Vec<String>>) -> Result<Vec<String>, CloudError> {
+        match explicit {
+            Some(ids) => Ok(ids.clone()),
+            None => Ok(vec![self.security_group()?]),
         }
     }
 
@@ -402,7 +428,75 @@ impl AwsCloud {
                 arn,
             });
         }
+        stack.security_group = self
+            .find_security_group(&q.load_balancer_names, &q.service)
+            .await?;
         Ok(stack)
+    }
+
+    /// The managed security group: named like the load balancer, tagged for this Service.
+    async fn find_security_group(
+        &self,
+        names: &[String],
+        service: &str,
+    ) -> Result<Option<ObservedSecurityGroup>, CloudError> {
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let filters = vec![
+            ec2::types::Filter::builder()
+                .name("group-name")
+                .set_values(Some(names.to_vec()))
+                .build(),
+            ec2::types::Filter::builder()
+                .name(format!("tag:{}", tags::CLUSTER))
+                .values(&self.owner.cluster)
+                .build(),
+            ec2::types::Filter::builder()
+                .name(format!("tag:{}", tags::SERVICE))
+                .values(service)
+                .build(),
+        ];
+        let out = self
+            .call("DescribeSecurityGroups", || {
+                self.ec2
+                    .describe_security_groups()
+                    .set_filters(Some(filters.clone()))
+                    .send()
+            })
+            .await?;
+        let Some(g) = out.security_groups().first() else {
+            return Ok(None);
+        };
+        let mut ingress = BTreeSet::new();
+        for p in g.ip_permissions() {
+            let protocol = p.ip_protocol().unwrap_or_default().to_string();
+            let port = p.from_port().unwrap_or_default();
+            for r in p.ip_ranges() {
+                if let Some(c) = r.cidr_ip() {
+                    ingress.insert(IngressRule {
+                        protocol: protocol.clone(),
+                        port,
+                        cidr: c.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(Some(ObservedSecurityGroup {
+            id: g.group_id().unwrap_or_default().to_string(),
+            name: g.group_name().unwrap_or_default().to_string(),
+            ingress,
+            tags: g
+                .tags()
+                .iter()
+                .filter_map(|t| {
+                    Some((
+                        t.key()?.to_string(),
+                        t.value().unwrap_or_default().to_string(),
+                    ))
+                })
+                .collect(),
+        }))
     }
 
     async fn find_load_balancer(
@@ -470,6 +564,7 @@ impl AwsCloud {
                 })
                 .collect(),
             tags: t,
+            security_groups: lb.security_groups().to_vec(),
             listeners: listeners
                 .listeners()
                 .iter()
@@ -572,6 +667,122 @@ impl AwsCloud {
                 })
             })
             .collect())
+    }
+
+    // ---------------------------------------------------------------- bound target groups
+
+    /// A target group by ARN, made by anyone (TargetGroupBindings bind groups cloudlb did not
+    /// create): its type and tags, or `None` when it does not exist.
+    pub async fn describe_target_group(
+        &self,
+        arn: &str,
+    ) -> Result<Option<BoundTargetGroup>, CloudError> {
+        let res = self
+            .call("DescribeTargetGroups", || {
+                self.elb
+                    .describe_target_groups()
+                    .target_group_arns(arn)
+                    .send()
+            })
+            .await;
+        let out = match res {
+            Ok(o) => o,
+            Err(e) if not_found(&e, &["TargetGroupNotFound"]) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(tg) = out.target_groups().first() else {
+            return Ok(None);
+        };
+        let tags = self
+            .tags_of(&[arn.to_string()])
+            .await?
+            .remove(arn)
+            .unwrap_or_default();
+        Ok(Some(BoundTargetGroup {
+            name: tg.target_group_name().unwrap_or_default().to_string(),
+            target_type: tg
+                .target_type()
+                .map(|t| t.as_str().to_string())
+                .unwrap_or_else(|| "instance".into()),
+            tags,
+        }))
+    }
+
+    /// The targets that receive (or are about to receive) traffic: every registered target but
+    /// those draining after a deregistration, which must not be deregistered again. `None` when
+    /// the group does not exist.
+    pub async fn active_targets(&self, arn: &str) -> Result<Option<BTreeSet<Target>>, CloudError> {
+        let res = self
+            .call("DescribeTargetHealth", || {
+                self.elb
+                    .describe_target_health()
+                    .target_group_arn(arn)
+                    .send()
+            })
+            .await;
+        let out = match res {
+            Ok(o) => o,
+            Err(e) if not_found(&e, &["TargetGroupNotFound"]) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(
+            out.target_health_descriptions()
+                .iter()
+                .filter(|d| {
+                    d.target_health().and_then(|h| h.state())
+                        != Some(&elbv2::types::TargetHealthStateEnum::Draining)
+                })
+                .filter_map(|d| {
+                    let t = d.target()?;
+                    Some(Target {
+                        id: t.id()?.to_string(),
+                        port: t.port().unwrap_or_default(),
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    /// RegisterTargets in batches of 200 (rate limited as a target call).
+    pub async fn register_targets(&self, arn: &str, targets: &[Target]) -> Result<(), CloudError> {
+        for chunk in targets.chunks(200) {
+            let ts = descriptions(chunk);
+            self.call("RegisterTargets", || {
+                self.elb
+                    .register_targets()
+                    .target_group_arn(arn)
+                    .set_targets(Some(ts.clone()))
+                    .send()
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// DeregisterTargets in batches of 200; targets (or a group) already gone count as done.
+    pub async fn deregister_targets(
+        &self,
+        arn: &str,
+        targets: &[Target],
+    ) -> Result<(), CloudError> {
+        for chunk in targets.chunks(200) {
+            let ts = descriptions(chunk);
+            let res = self
+                .call("DeregisterTargets", || {
+                    self.elb
+                        .deregister_targets()
+                        .target_group_arn(arn)
+                        .set_targets(Some(ts.clone()))
+                        .send()
+                })
+                .await;
+            match res {
+                Ok(_) => {}
+                Err(e) if not_found(&e, &["InvalidTarget", "TargetGroupNotFound"]) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------------- network
@@ -741,42 +952,15 @@ impl AwsCloud {
                 targets,
             } => {
                 let arn = st.tg(target_group)?;
-                for chunk in targets.chunks(200) {
-                    let ts = descriptions(chunk);
-                    self.call("RegisterTargets", || {
-                        self.elb
-                            .register_targets()
-                            .target_group_arn(&arn)
-                            .set_targets(Some(ts.clone()))
-                            .send()
-                    })
-                    .await?;
-                }
+                self.register_targets(&arn, targets).await?;
             }
             Change::DeregisterTargets {
                 target_group,
                 targets,
-            } => {
-                for chunk in targets.chunks(200) {
-                    let ts = descriptions(chunk);
-                    let res = self
-                        .call("DeregisterTargets", || {
-                            self.elb
-                                .deregister_targets()
-                                .target_group_arn(target_group)
-                                .set_targets(Some(ts.clone()))
-                                .send()
-                        })
-                        .await;
-                    match res {
-                        Ok(_) => {}
-                        Err(e) if not_found(&e, &["InvalidTarget", "TargetGroupNotFound"]) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
+            } => self.deregister_targets(target_group, targets).await?,
             Change::CreateLoadBalancer(d) => {
                 let net = self.network(d.subnets.as_deref(), d.scheme).await?;
+                let groups = st.groups_for(&d.security_groups)?;
                 let out = self
                     .call("CreateLoadBalancer", || {
                         self.elb
@@ -786,7 +970,7 @@ impl AwsCloud {
                             .scheme(LoadBalancerSchemeEnum::from(d.scheme.as_aws()))
                             .ip_address_type(AwsIpType::from(d.ip_address_type.as_aws()))
                             .set_subnets(Some(net.subnets.clone()))
-                            .set_security_groups(d.security_groups.clone())
+                            .set_security_groups(Some(groups.clone()))
                             .set_tags(Some(aws_tags(&d.tags)))
                             .send()
                     })
@@ -908,6 +1092,101 @@ impl AwsCloud {
                     st.dns_name = None;
                 }
             }
+            Change::CreateSecurityGroup(sg) => {
+                let d = desired
+                    .ok_or_else(|| CloudError::Internal("create without desired state".into()))?;
+                let net = self.network(d.subnets.as_deref(), d.scheme).await?;
+                let ec2_tags: Vec<ec2::types::Tag> = sg
+                    .tags
+                    .iter()
+                    .map(|(k, v)| ec2::types::Tag::builder().key(k).value(v).build())
+                    .collect();
+                let out = self
+                    .call("CreateSecurityGroup", || {
+                        self.ec2
+                            .create_security_group()
+                            .group_name(&sg.name)
+                            .description(format!(
+                                "cloudlb frontend for {}",
+                                sg.tags.get(tags::SERVICE).cloned().unwrap_or_default()
+                            ))
+                            .vpc_id(&net.vpc_id)
+                            .tag_specifications(
+                                ec2::types::TagSpecification::builder()
+                                    .resource_type(ec2::types::ResourceType::SecurityGroup)
+                                    .set_tags(Some(ec2_tags.clone()))
+                                    .build(),
+                            )
+                            .send()
+                    })
+                    .await?;
+                let id = out
+                    .group_id()
+                    .ok_or_else(|| {
+                        CloudError::Internal("CreateSecurityGroup returned no id".into())
+                    })?
+                    .to_string();
+                st.security_group_id = Some(id.clone());
+                let rules: Vec<IngressRule> = sg.ingress.iter().cloned().collect();
+                self.authorize(&id, &rules).await?;
+            }
+            Change::AuthorizeIngress { group, rules } => {
+                let id = match group {
+                    SecurityGroupRef::Id(id) => id.clone(),
+                    SecurityGroupRef::Planned => st.security_group()?,
+                };
+                self.authorize(&id, rules).await?;
+            }
+            Change::RevokeIngress { group, rules } => {
+                let perms = permissions(rules);
+                self.call("RevokeSecurityGroupIngress", || {
+                    self.ec2
+                        .revoke_security_group_ingress()
+                        .group_id(group)
+                        .set_ip_permissions(Some(perms.clone()))
+                        .send()
+                })
+                .await?;
+            }
+            Change::SetSecurityGroups {
+                load_balancer,
+                explicit,
+            } => {
+                let groups = st.groups_for(explicit)?;
+                self.call("SetSecurityGroups", || {
+                    self.elb
+                        .set_security_groups()
+                        .load_balancer_arn(load_balancer)
+                        .set_security_groups(Some(groups.clone()))
+                        .send()
+                })
+                .await?;
+            }
+            Change::DeleteSecurityGroup { id, .. } => {
+                // The load balancer's network interfaces let go of the group a little after
+                // it is deleted: DependencyViolation is transient here.
+                let res = self
+                    .call("DeleteSecurityGroup", || {
+                        self.ec2.delete_security_group().group_id(id).send()
+                    })
+                    .await;
+                match res {
+                    Ok(_) => {}
+                    Err(e) if not_found(&e, &["InvalidGroup.NotFound"]) => {}
+                    Err(CloudError::Rejected { code, message, .. })
+                        if code == "DependencyViolation" =>
+                    {
+                        return Err(CloudError::Transient {
+                            operation: "DeleteSecurityGroup",
+                            message,
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+                if st.security_group_id.as_deref() == Some(id) {
+                    st.security_group_id = None;
+                }
+            }
             Change::DeleteTargetGroup { arn, .. } => {
                 // Right after its listener or load balancer goes, AWS may still call the
                 // group in use for a moment: that is transient here.
@@ -930,6 +1209,27 @@ impl AwsCloud {
             }
         }
         Ok(())
+    }
+
+    async fn authorize(&self, group: &str, rules: &[IngressRule]) -> Result<(), CloudError> {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let perms = permissions(rules);
+        let res = self
+            .call("AuthorizeSecurityGroupIngress", || {
+                self.ec2
+                    .authorize_security_group_ingress()
+                    .group_id(group)
+                    .set_ip_permissions(Some(perms.clone()))
+                    .send()
+            })
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if not_found(&e, &["InvalidPermission.Duplicate"]) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn create_target_group(
@@ -1075,6 +1375,33 @@ impl AwsCloud {
         };
         self.apply(&change, None, &mut ApplyState::default()).await
     }
+}
+
+/// Ingress rules as EC2 permissions, one per (protocol, port) with all its CIDRs.
+fn permissions(rules: &[IngressRule]) -> Vec<ec2::types::IpPermission> {
+    let mut by_port: BTreeMap<(String, i32), Vec<String>> = BTreeMap::new();
+    for r in rules {
+        by_port
+            .entry((r.protocol.clone(), r.port))
+            .or_default()
+            .push(r.cidr.clone());
+    }
+    by_port
+        .into_iter()
+        .map(|((protocol, port), cidrs)| {
+            ec2::types::IpPermission::builder()
+                .ip_protocol(protocol)
+                .from_port(port)
+                .to_port(port)
+                .set_ip_ranges(Some(
+                    cidrs
+                        .iter()
+                        .map(|c| ec2::types::IpRange::builder().cidr_ip(c).build())
+                        .collect(),
+                ))
+                .build()
+        })
+        .collect()
 }
 
 fn descriptions(ts: &[Target]) -> Vec<TargetDescription> {

@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::annotations::IpAddressType;
-use crate::model::{DesiredLoadBalancer, HealthCheckSpec, ListenerSpec, Target, TargetGroupSpec};
+use crate::model::{
+    DesiredLoadBalancer, HealthCheckSpec, IngressRule, ListenerSpec, SecurityGroupSpec, Target,
+    TargetGroupSpec,
+};
 
 /// A load balancer as read from the cloud (only ones we own get this far).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +24,7 @@ pub struct ObservedLoadBalancer {
     pub attributes: BTreeMap<String, String>,
     pub tags: BTreeMap<String, String>,
     pub listeners: Vec<ObservedListener>,
+    pub security_groups: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +53,23 @@ pub struct ObservedTargetGroup {
 pub struct ObservedStack {
     pub load_balancer: Option<ObservedLoadBalancer>,
     pub target_groups: Vec<ObservedTargetGroup>,
+    pub security_group: Option<ObservedSecurityGroup>,
+}
+
+/// The managed security group as read from EC2.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedSecurityGroup {
+    pub id: String,
+    pub name: String,
+    pub ingress: BTreeSet<IngressRule>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A security group that exists (id) or is created earlier in the same plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecurityGroupRef {
+    Id(String),
+    Planned,
 }
 
 /// A target group named by its ARN (exists) or by its name (created earlier in the same plan).
@@ -119,6 +140,24 @@ pub enum Change {
         arn: String,
         name: String,
     },
+    CreateSecurityGroup(SecurityGroupSpec),
+    AuthorizeIngress {
+        group: SecurityGroupRef,
+        rules: Vec<IngressRule>,
+    },
+    RevokeIngress {
+        group: String,
+        rules: Vec<IngressRule>,
+    },
+    /// Replace the load balancer's security groups: the annotation's, or the managed one.
+    SetSecurityGroups {
+        load_balancer: String,
+        explicit: Option<Vec<String>>,
+    },
+    DeleteSecurityGroup {
+        id: String,
+        name: String,
+    },
 }
 
 impl Change {
@@ -139,6 +178,11 @@ impl Change {
             Change::DeleteListener { .. } => "DeleteListener",
             Change::DeleteLoadBalancer { .. } => "DeleteLoadBalancer",
             Change::DeleteTargetGroup { .. } => "DeleteTargetGroup",
+            Change::CreateSecurityGroup(_) => "CreateSecurityGroup",
+            Change::AuthorizeIngress { .. } => "AuthorizeSecurityGroupIngress",
+            Change::RevokeIngress { .. } => "RevokeSecurityGroupIngress",
+            Change::SetSecurityGroups { .. } => "SetSecurityGroups",
+            Change::DeleteSecurityGroup { .. } => "DeleteSecurityGroup",
         }
     }
 }
@@ -234,6 +278,23 @@ impl fmt::Display for Change {
             Change::DeleteListener { port, .. } => write!(f, "{k} port {port}"),
             Change::DeleteLoadBalancer { name, .. } => write!(f, "{k} {name}"),
             Change::DeleteTargetGroup { name, .. } => write!(f, "{k} {name}"),
+            Change::CreateSecurityGroup(sg) => {
+                write!(f, "{k} {} ({} rules)", sg.name, sg.ingress.len())
+            }
+            Change::AuthorizeIngress { rules, .. } | Change::RevokeIngress { rules, .. } => write!(
+                f,
+                "{k} [{}]",
+                rules
+                    .iter()
+                    .map(|r| format!("{}/{} from {}", r.protocol, r.port, r.cidr))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Change::SetSecurityGroups { explicit, .. } => match explicit {
+                Some(ids) => write!(f, "{k} {}", ids.join(",")),
+                None => write!(f, "{k} (managed)"),
+            },
+            Change::DeleteSecurityGroup { name, .. } => write!(f, "{k} {name}"),
         }
     }
 }
@@ -259,6 +320,12 @@ fn plan_teardown(observed: &ObservedStack) -> Vec<Change> {
         out.push(Change::DeleteTargetGroup {
             arn: tg.arn.clone(),
             name: tg.name.clone(),
+        });
+    }
+    if let Some(sg) = &observed.security_group {
+        out.push(Change::DeleteSecurityGroup {
+            id: sg.id.clone(),
+            name: sg.name.clone(),
         });
     }
     out
@@ -330,6 +397,33 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
         }
     }
 
+    // The managed security group: before the load balancer that uses it.
+    match (&d.managed_security_group, &observed.security_group) {
+        (Some(want), None) => early.push(Change::CreateSecurityGroup(want.clone())),
+        (Some(want), Some(have)) => {
+            let add: Vec<IngressRule> = want.ingress.difference(&have.ingress).cloned().collect();
+            if !add.is_empty() {
+                early.push(Change::AuthorizeIngress {
+                    group: SecurityGroupRef::Id(have.id.clone()),
+                    rules: add,
+                });
+            }
+            let remove: Vec<IngressRule> =
+                have.ingress.difference(&want.ingress).cloned().collect();
+            if !remove.is_empty() {
+                late.push(Change::RevokeIngress {
+                    group: have.id.clone(),
+                    rules: remove,
+                });
+            }
+        }
+        (None, Some(have)) => late.push(Change::DeleteSecurityGroup {
+            id: have.id.clone(),
+            name: have.name.clone(),
+        }),
+        (None, None) => {}
+    }
+
     // The load balancer: scheme is immutable, so a scheme change replaces it.
     let existing = observed
         .load_balancer
@@ -355,6 +449,29 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
                 middle.push(Change::AddTags {
                     arn: lb.arn.clone(),
                     tags,
+                });
+            }
+            // Groups can be swapped only on a load balancer created with some.
+            let want_groups: Option<Vec<String>> =
+                match (&d.security_groups, &observed.security_group) {
+                    (Some(explicit), _) => Some(explicit.clone()),
+                    (None, Some(have)) => Some(vec![have.id.clone()]),
+                    (None, None) => None, // created in this plan
+                };
+            let differs = match &want_groups {
+                Some(w) => {
+                    let mut a = w.clone();
+                    a.sort();
+                    let mut b = lb.security_groups.clone();
+                    b.sort();
+                    a != b
+                }
+                None => true,
+            };
+            if !lb.security_groups.is_empty() && differs {
+                middle.push(Change::SetSecurityGroups {
+                    load_balancer: lb.arn.clone(),
+                    explicit: d.security_groups.clone(),
                 });
             }
             LoadBalancerRef::Arn(lb.arn.clone())
@@ -503,6 +620,7 @@ mod tests {
                 ip_address_type: d.ip_address_type.as_aws().into(),
                 attributes: d.attributes.clone(),
                 tags: d.tags.clone(),
+                security_groups: vec!["sg-managed".into()],
                 listeners: d
                     .listeners
                     .iter()
@@ -517,6 +635,15 @@ mod tests {
                     .collect(),
             }),
             target_groups: tgs,
+            security_group: d
+                .managed_security_group
+                .as_ref()
+                .map(|g| ObservedSecurityGroup {
+                    id: "sg-managed".into(),
+                    name: g.name.clone(),
+                    ingress: g.ingress.clone(),
+                    tags: g.tags.clone(),
+                }),
         }
     }
 
@@ -533,6 +660,7 @@ mod tests {
             vec![
                 "CreateTargetGroup",
                 "RegisterTargets",
+                "CreateSecurityGroup",
                 "CreateLoadBalancer",
                 "CreateListener"
             ]
@@ -642,10 +770,45 @@ mod tests {
     }
 
     #[test]
+    fn source_range_changes_authorize_before_and_revoke_after() {
+        let d = desired(30080, &["a"]);
+        let o = observed_from(&d);
+        let mut d2 = d.clone();
+        let sg = d2.managed_security_group.as_mut().unwrap();
+        sg.ingress = [model::IngressRule {
+            protocol: "tcp".into(),
+            port: 80,
+            cidr: "10.213.0.0/24".into(),
+        }]
+        .into();
+        let cs = plan(Some(&d2), &o);
+        assert_eq!(
+            kinds(&cs),
+            vec![
+                "AuthorizeSecurityGroupIngress",
+                "RevokeSecurityGroupIngress"
+            ]
+        );
+        // Switching to groups named by the annotation swaps them, then drops the managed one.
+        let mut d3 = d.clone();
+        d3.managed_security_group = None;
+        d3.security_groups = Some(vec!["sg-user".into()]);
+        let cs = plan(Some(&d3), &o);
+        assert_eq!(kinds(&cs), vec!["SetSecurityGroups", "DeleteSecurityGroup"]);
+    }
+
+    #[test]
     fn teardown_deletes_load_balancer_then_target_groups() {
         let d = desired(30080, &["a"]);
         let cs = plan(None, &observed_from(&d));
-        assert_eq!(kinds(&cs), vec!["DeleteLoadBalancer", "DeleteTargetGroup"]);
+        assert_eq!(
+            kinds(&cs),
+            vec![
+                "DeleteLoadBalancer",
+                "DeleteTargetGroup",
+                "DeleteSecurityGroup"
+            ]
+        );
         assert_eq!(plan(None, &ObservedStack::default()), vec![]);
     }
 

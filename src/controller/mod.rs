@@ -1,9 +1,11 @@
-//! The Service controller: Services of type LoadBalancer → NLBs, targets, status and Events.
+//! The controller: Services of type LoadBalancer → NLBs, targets, status and Events; and
+//! TargetGroupBindings → targets in target groups made outside cloudlb.
 //!
 //! `run` wires the pieces: kube client, AWS client, admin server, leader lease, the reflectors
-//! (Services, Nodes, EndpointSlices) and the kube-runtime Controller that calls
-//! [`service::reconcile`] per Service key.
+//! (Services, Nodes, EndpointSlices) and two kube-runtime Controllers sharing them: one calls
+//! [`service::reconcile`] per Service key, the other [`binding::reconcile`] per binding key.
 
+pub mod binding;
 pub mod leader;
 pub mod orphans;
 pub mod plan_cmd;
@@ -28,6 +30,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::cloud::aws::{AwsCloud, Ownership, RateLimits};
+use crate::crd::{TargetGroupBinding, TargetType};
 use crate::metrics::{self, ControllerMetrics};
 
 /// Settings shared by `controller` and `plan`: which cluster and which Services are ours.
@@ -108,6 +111,15 @@ pub struct ControllerArgs {
     pub aws_targets_qps: f64,
     #[arg(long, env = "CLOUDLB_AWS_TARGETS_BURST", default_value_t = 20)]
     pub aws_targets_burst: u32,
+    /// Only TargetGroupBindings with all of these labels (`key=value,…`) are served (default:
+    /// every binding), so that more than one controller can share a cluster.
+    #[arg(
+        long,
+        env = "CLOUDLB_TARGET_GROUP_BINDING_SELECTOR",
+        value_parser = parse_labels,
+        default_value = ""
+    )]
+    pub target_group_binding_selector: std::collections::BTreeMap<String, String>,
     /// Delete resources tagged for this cluster whose Service no longer exists.
     #[arg(long, env = "CLOUDLB_ORPHAN_SWEEP")]
     pub orphan_sweep: bool,
@@ -123,25 +135,71 @@ pub struct ControllerArgs {
     pub orphan_grace_seconds: u64,
 }
 
-/// The finalizer that guarantees teardown before a Service disappears.
+/// The finalizer of the default class: it guarantees teardown before a Service disappears.
 pub const FINALIZER: &str = "cloudlb.io/load-balancer-cleanup";
+/// The class served when `--load-balancer-class` is not given.
+pub const DEFAULT_CLASS: &str = "cloudlb.io/nlb";
+
+/// The finalizer this controller owns. Each class gets its own, so two cloudlb installations
+/// with different classes never remove each other's finalizer.
+pub fn finalizer_for(class: &str) -> String {
+    if class == DEFAULT_CLASS {
+        return FINALIZER.to_string();
+    }
+    let name: String = class
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(54)
+        .collect();
+    format!(
+        "cloudlb.io/cleanup-{}",
+        name.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+    )
+}
+
 /// Name of this controller in Events and field managers.
 pub const MANAGER: &str = "cloudlb-controller";
 
 /// Everything a reconcile needs; built once.
 pub struct Context {
     pub client: Client,
+    /// This controller's finalizer (see [`finalizer_for`]).
+    pub finalizer: String,
     pub cloud: AwsCloud,
     pub recorder: Recorder,
     pub metrics: ControllerMetrics,
     pub cluster: ClusterArgs,
     pub nodes: Store<Node>,
     pub slices: Store<EndpointSlice>,
+    pub services: Store<Service>,
     pub resync: Duration,
     /// Per Service: the hash of the last desired state fully applied, and when.
     pub applied: Mutex<HashMap<ObjectRef<Service>, service::Applied>>,
     /// Per Service: consecutive failures (for the 5 s → 300 s backoff).
     pub failures: Mutex<HashMap<ObjectRef<Service>, u32>>,
+    /// The TargetGroupBinding controller's memory.
+    pub bindings: binding::State,
+}
+
+impl Context {
+    /// Whether the node, EndpointSlice and Service caches hold a full list. Until then a
+    /// desired state would be built from partial data (e.g. no nodes → every target
+    /// deregistered), so reconciles wait.
+    pub fn stores_synced(&self) -> bool {
+        fn synced<K: kube::runtime::reflector::Lookup + Clone + 'static>(store: &Store<K>) -> bool
+        where
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+        }
+        synced(&self.nodes) && synced(&self.slices) && synced(&self.services)
+    }
 }
 
 /// Loads the AWS configuration from the standard chain (env, profile, web identity, IMDS);
@@ -211,6 +269,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
 
     let (nodes, node_writer) = reflector::store::<Node>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let (services, service_writer) = reflector::store::<Service>();
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -220,23 +279,35 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     );
     let ctx = Arc::new(Context {
         client: client.clone(),
+        finalizer: finalizer_for(&args.cluster.load_balancer_class),
         cloud,
         recorder,
         metrics: metrics.clone(),
         cluster: args.cluster.clone(),
         nodes: nodes.clone(),
         slices: slices.clone(),
+        services: services.clone(),
         resync: Duration::from_secs(args.resync_seconds),
         applied: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
+        bindings: binding::State::default(),
     });
+
+    // The Service controller drives the three watch streams; the binding controller gets a copy
+    // of every change once the stores hold it, and a full pass after each (re)list.
+    let (node_tx, node_rx) = futures::channel::mpsc::unbounded::<Node>();
+    let (slice_tx, slice_rx) = futures::channel::mpsc::unbounded::<EndpointSlice>();
+    let (svc_tx, svc_rx) = futures::channel::mpsc::unbounded::<Service>();
+    let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
 
     // Nodes: only changes that can move targets wake Services (not status heartbeats).
     let mut node_hashes: HashMap<String, u64> = HashMap::new();
+    let relist_nodes = relist_tx.clone();
     let node_stream = reflector::reflector(
         node_writer,
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
     )
+    .inspect(move |ev| relisted(ev, &relist_nodes))
     .filter_map(move |ev| {
         let out = match ev {
             Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
@@ -251,7 +322,13 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             Err(e) => Some(Err(e)),
         };
         futures::future::ready(out)
+    })
+    .inspect(move |n| {
+        if let Ok(n) = n {
+            let _ = node_tx.unbounded_send(n.clone());
+        }
     });
+    let relist_slices = relist_tx.clone();
     let slice_stream = reflector::reflector(
         slice_writer,
         watcher(
@@ -259,10 +336,29 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             watcher::Config::default(),
         ),
     )
-    .touched_objects();
+    .inspect(move |ev| relisted(ev, &relist_slices))
+    .touched_objects()
+    .inspect(move |s| {
+        if let Ok(s) = s {
+            let _ = slice_tx.unbounded_send(s.clone());
+        }
+    });
+    let service_stream = reflector::reflector(
+        service_writer,
+        watcher(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .inspect(move |ev| {
+        relisted(ev, &relist_tx);
+        if let Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) = ev {
+            let _ = svc_tx.unbounded_send(s.clone());
+        }
+    })
+    .applied_objects();
 
-    let services: Api<Service> = Api::all(client.clone());
-    let controller = Controller::new(services, watcher::Config::default()).with_config(
+    let controller = Controller::for_stream(service_stream, services.clone()).with_config(
         ControllerConfig::default()
             .concurrency(args.concurrency)
             .debounce(Duration::from_millis(200)),
@@ -297,7 +393,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         ));
     }
 
-    let stop = {
+    let stop = || {
         let shutdown = shutdown.clone();
         let lost = lease.as_ref().map(|(_, l)| l.clone());
         async move {
@@ -310,7 +406,25 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         }
     };
 
-    controller
+    let bindings = binding_controller(
+        client.clone(),
+        &args,
+        BindingTriggers {
+            services: svc_rx,
+            nodes: node_rx,
+            slices: slice_rx,
+            relists: relist_rx,
+        },
+    )
+    .graceful_shutdown_on(stop())
+    .run(binding::reconcile, binding::error_policy, ctx.clone())
+    .for_each(|res| async move {
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "binding reconcile stream error");
+        }
+    });
+
+    let services = controller
         .watches_stream(node_stream, move |node: Node| {
             // A relevant node change may move targets of every instance-target Service we serve.
             let _ = node;
@@ -329,14 +443,14 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 .filter(|s| service::is_ours(s, &cluster_for_slices) && service::uses_ip_targets(s))
                 .map(|s| ObjectRef::from_obj(&*s))
         })
-        .graceful_shutdown_on(stop)
+        .graceful_shutdown_on(stop())
         .run(service::reconcile, service::error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile stream error");
             }
-        })
-        .await;
+        });
+    tokio::join!(services, bindings);
 
     metrics.leader.set(0);
     if let Some((lease, lost)) = lease {
@@ -352,6 +466,84 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let _ = admin.await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Changes that may move a binding's targets, fanned out from the Service controller's streams.
+struct BindingTriggers {
+    services: futures::channel::mpsc::UnboundedReceiver<Service>,
+    nodes: futures::channel::mpsc::UnboundedReceiver<Node>,
+    slices: futures::channel::mpsc::UnboundedReceiver<EndpointSlice>,
+    relists: futures::channel::mpsc::UnboundedReceiver<()>,
+}
+
+/// The TargetGroupBinding Controller: its own watch on bindings, woken by the Service it names,
+/// by node changes (instance targets) and by its Service's EndpointSlices (ip targets).
+fn binding_controller(
+    client: Client,
+    args: &ControllerArgs,
+    triggers: BindingTriggers,
+) -> Controller<TargetGroupBinding> {
+    let mut config = watcher::Config::default();
+    if !args.target_group_binding_selector.is_empty() {
+        config = config.labels(&label_selector(&args.target_group_binding_selector));
+    }
+    let controller = Controller::new(Api::<TargetGroupBinding>::all(client), config).with_config(
+        ControllerConfig::default()
+            .concurrency(args.concurrency)
+            .debounce(Duration::from_millis(200)),
+    );
+    let store = controller.store();
+    let (for_services, for_nodes, for_slices) = (store.clone(), store.clone(), store);
+    controller
+        .watches_stream(triggers.services.map(Ok), move |svc: Service| {
+            let ns = svc.namespace().unwrap_or_default();
+            let name = svc.name_any();
+            refs(&for_services, |b| binding::refers_to(b, &ns, &name))
+        })
+        .watches_stream(triggers.nodes.map(Ok), move |_: Node| {
+            refs(&for_nodes, |b| b.spec.target_type == TargetType::Instance)
+        })
+        .watches_stream(triggers.slices.map(Ok), move |slice: EndpointSlice| {
+            let ns = slice.namespace().unwrap_or_default();
+            match slice.labels().get("kubernetes.io/service-name") {
+                Some(name) => refs(&for_slices, |b| {
+                    b.spec.target_type == TargetType::Ip && binding::refers_to(b, &ns, name)
+                }),
+                None => Vec::new(),
+            }
+        })
+        .reconcile_all_on(triggers.relists)
+}
+
+/// `{a: 1, b: 2}` → `a=1,b=2`, a Kubernetes label selector.
+fn label_selector(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn refs(
+    store: &Store<TargetGroupBinding>,
+    pred: impl Fn(&TargetGroupBinding) -> bool,
+) -> Vec<ObjectRef<TargetGroupBinding>> {
+    store
+        .state()
+        .iter()
+        .filter(|b| pred(b))
+        .map(|b| ObjectRef::from_obj(&**b))
+        .collect()
+}
+
+/// After a (re)list the stores swap in new contents at once: tell the binding controller.
+fn relisted<K>(
+    ev: &Result<watcher::Event<K>, watcher::Error>,
+    tx: &futures::channel::mpsc::UnboundedSender<()>,
+) {
+    if let Ok(watcher::Event::InitDone) = ev {
+        let _ = tx.unbounded_send(());
+    }
 }
 
 /// The part of a Node that decides whether (and where) it receives traffic.
@@ -394,4 +586,27 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "cloudlb".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_flags_parse_and_become_selectors() {
+        let cases = [
+            ("", Ok("")),
+            ("a=1", Ok("a=1")),
+            (" b=2 , a=1,", Ok("a=1,b=2")),
+            ("a=", Ok("a=")),
+            ("a", Err(())),
+            ("=1", Err(())),
+        ];
+        for (flag, want) in cases {
+            let got = parse_labels(flag)
+                .map(|l| label_selector(&l))
+                .map_err(|_| ());
+            assert_eq!(got.as_deref().map_err(|_| ()), want, "{flag:?}");
+        }
+    }
 }

@@ -63,7 +63,10 @@ pub async fn run(args: PlanArgs) -> anyhow::Result<()> {
     for svc in services.list(&ListParams::default()).await?.items {
         let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
         let ours = is_ours(&svc, &args.cluster) && svc.metadata.deletion_timestamp.is_none();
-        let has_finalizer = svc.finalizers().iter().any(|f| f == super::FINALIZER);
+        let has_finalizer = svc
+            .finalizers()
+            .iter()
+            .any(|f| *f == super::finalizer_for(&args.cluster.load_balancer_class));
         if !ours && !has_finalizer {
             continue;
         }

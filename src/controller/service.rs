@@ -53,6 +53,14 @@ pub fn is_ours(svc: &Service, cluster: &ClusterArgs) -> bool {
     }
 }
 
+/// Whether the Service names a load balancer class other than ours.
+fn foreign_class(svc: &Service, cluster: &ClusterArgs) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_class.as_deref())
+        .is_some_and(|c| c != cluster.load_balancer_class)
+}
+
 /// Whether the Service asks for ip targets (then its EndpointSlices matter).
 pub fn uses_ip_targets(svc: &Service) -> bool {
     let a: BTreeMap<String, String> = svc.annotations().clone();
@@ -106,9 +114,17 @@ async fn reconcile_inner(
     ctx: &Context,
     key: &str,
 ) -> Result<Action, ReconcileError> {
+    if !ctx.stores_synced() {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    if foreign_class(svc, &ctx.cluster) {
+        // loadBalancerClass is immutable while the type is LoadBalancer: a Service of another
+        // class never was ours, whatever finalizers it carries.
+        return Ok(Action::await_change());
+    }
     let ours = is_ours(svc, &ctx.cluster);
     if !ours || svc.meta().deletion_timestamp.is_some() {
-        if status::has_finalizer(svc) {
+        if status::has_finalizer(svc, &ctx.finalizer) {
             cleanup(svc, ctx, key, ours).await?;
         }
         return Ok(Action::await_change());
@@ -138,13 +154,13 @@ async fn reconcile_inner(
         if a.desired_hash == desired_hash
             && a.at.elapsed() < ctx.resync
             && a.hostname == hostname_now
-            && status::has_finalizer(svc)
+            && status::has_finalizer(svc, &ctx.finalizer)
         {
             return Ok(Action::requeue(ctx.resync));
         }
     }
 
-    status::add_finalizer(&ctx.client, svc).await?;
+    status::add_finalizer(&ctx.client, svc, &ctx.finalizer).await?;
     let observed = ctx
         .cloud
         .observe(&query(svc, Some(&desired), &opts, ctx))
@@ -419,8 +435,12 @@ async fn cleanup(
     if svc.meta().deletion_timestamp.is_none() && !still_ours {
         status::clear(&ctx.client, svc).await?;
     }
-    status::remove_finalizer(&ctx.client, svc).await?;
-    ctx.applied.lock().await.remove(&ObjectRef::from_obj(svc));
+    status::remove_finalizer(&ctx.client, svc, &ctx.finalizer).await?;
+    let mut applied = ctx.applied.lock().await;
+    applied.remove(&ObjectRef::from_obj(svc));
+    ctx.metrics
+        .managed_load_balancers
+        .set(applied.values().filter(|a| a.hostname.is_some()).count() as i64);
     Ok(())
 }
 
@@ -495,6 +515,21 @@ mod tests {
                 "{t} {class:?} default={default}"
             );
         }
+    }
+
+    #[test]
+    fn finalizer_per_class() {
+        use crate::controller::finalizer_for;
+        assert_eq!(
+            finalizer_for("cloudlb.io/nlb"),
+            "cloudlb.io/load-balancer-cleanup"
+        );
+        assert_eq!(
+            finalizer_for("cloudlb.io/internal"),
+            "cloudlb.io/cleanup-cloudlb.io-internal"
+        );
+        let long = finalizer_for(&format!("example.com/{}", "x".repeat(100)));
+        assert!(long.len() - "cloudlb.io/".len() <= 63, "{long}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use super::{FINALIZER, MANAGER};
+use super::MANAGER;
 
 /// Our condition on the Service: whether the load balancer matches the Service.
 pub const CONDITION: &str = "cloudlb.io/LoadBalancerSynced";
@@ -16,30 +16,38 @@ fn api(client: &Client, svc: &Service) -> Api<Service> {
     Api::namespaced(client.clone(), &svc.namespace().unwrap_or_default())
 }
 
-pub fn has_finalizer(svc: &Service) -> bool {
-    svc.finalizers().iter().any(|f| f == FINALIZER)
+pub fn has_finalizer(svc: &Service, finalizer: &str) -> bool {
+    svc.finalizers().iter().any(|f| f == finalizer)
 }
 
 /// Adds the finalizer (before any cloud call). The patch carries the resourceVersion, so it
 /// fails with a conflict (and the reconcile retries) if the Service changed meanwhile.
-pub async fn add_finalizer(client: &Client, svc: &Service) -> Result<(), kube::Error> {
-    if has_finalizer(svc) {
+pub async fn add_finalizer(
+    client: &Client,
+    svc: &Service,
+    finalizer: &str,
+) -> Result<(), kube::Error> {
+    if has_finalizer(svc, finalizer) {
         return Ok(());
     }
     let mut finalizers = svc.finalizers().to_vec();
-    finalizers.push(FINALIZER.to_string());
+    finalizers.push(finalizer.to_string());
     set_finalizers(client, svc, finalizers).await
 }
 
 /// Removes the finalizer once every owned resource is gone.
-pub async fn remove_finalizer(client: &Client, svc: &Service) -> Result<(), kube::Error> {
-    if !has_finalizer(svc) {
+pub async fn remove_finalizer(
+    client: &Client,
+    svc: &Service,
+    finalizer: &str,
+) -> Result<(), kube::Error> {
+    if !has_finalizer(svc, finalizer) {
         return Ok(());
     }
     let finalizers: Vec<String> = svc
         .finalizers()
         .iter()
-        .filter(|f| *f != FINALIZER)
+        .filter(|f| *f != finalizer)
         .cloned()
         .collect();
     match set_finalizers(client, svc, finalizers).await {

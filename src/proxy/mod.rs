@@ -12,6 +12,7 @@ mod forward;
 mod frontend;
 mod health;
 mod metrics;
+mod splice;
 mod statics;
 mod table;
 mod tcp;

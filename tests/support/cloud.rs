@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag as Ec2Tag, TagSpecification};
@@ -94,25 +94,45 @@ impl TestCloud {
     /// Every load balancer and target group tagged with this test's cluster: (arn, name, tags).
     pub async fn inventory(&self) -> Vec<(String, String, BTreeMap<String, String>)> {
         let mut arns = Vec::new();
-        let lbs = self
-            .elb
-            .describe_load_balancers()
-            .send()
-            .await
-            .expect("lbs");
-        arns.extend(lbs.load_balancers().iter().map(|l| {
-            (
-                l.load_balancer_arn().unwrap().to_string(),
-                l.load_balancer_name().unwrap().to_string(),
-            )
-        }));
-        let tgs = self.elb.describe_target_groups().send().await.expect("tgs");
-        arns.extend(tgs.target_groups().iter().map(|t| {
-            (
-                t.target_group_arn().unwrap().to_string(),
-                t.target_group_name().unwrap().to_string(),
-            )
-        }));
+        let mut marker: Option<String> = None;
+        loop {
+            let lbs = self
+                .elb
+                .describe_load_balancers()
+                .set_marker(marker.clone())
+                .send()
+                .await
+                .expect("lbs");
+            arns.extend(lbs.load_balancers().iter().map(|l| {
+                (
+                    l.load_balancer_arn().unwrap().to_string(),
+                    l.load_balancer_name().unwrap().to_string(),
+                )
+            }));
+            marker = lbs.next_marker().map(str::to_string);
+            if marker.is_none() {
+                break;
+            }
+        }
+        loop {
+            let tgs = self
+                .elb
+                .describe_target_groups()
+                .set_marker(marker.clone())
+                .send()
+                .await
+                .expect("tgs");
+            arns.extend(tgs.target_groups().iter().map(|t| {
+                (
+                    t.target_group_arn().unwrap().to_string(),
+                    t.target_group_name().unwrap().to_string(),
+                )
+            }));
+            marker = tgs.next_marker().map(str::to_string);
+            if marker.is_none() {
+                break;
+            }
+        }
         let mut out = Vec::new();
         for chunk in arns.chunks(20) {
             let res = self
@@ -221,6 +241,40 @@ impl TestCloud {
             .collect()
     }
 
+    /// Security groups tagged with this test's cluster: (id, ingress as (protocol, port, cidr)).
+    pub async fn security_groups(&self) -> Vec<(String, BTreeSet<(String, i32, String)>)> {
+        let f = Filter::builder()
+            .name("tag:cloudlb.io/cluster")
+            .values(&self.cluster)
+            .build();
+        let out = self
+            .ec2
+            .describe_security_groups()
+            .filters(f)
+            .send()
+            .await
+            .expect("security groups");
+        out.security_groups()
+            .iter()
+            .map(|g| {
+                let rules = g
+                    .ip_permissions()
+                    .iter()
+                    .flat_map(|p| {
+                        p.ip_ranges().iter().map(move |r| {
+                            (
+                                p.ip_protocol().unwrap_or_default().to_string(),
+                                p.from_port().unwrap_or_default(),
+                                r.cidr_ip().unwrap_or_default().to_string(),
+                            )
+                        })
+                    })
+                    .collect();
+                (g.group_id().unwrap_or_default().to_string(), rules)
+            })
+            .collect()
+    }
+
     pub async fn subnets_tagged(&self) -> usize {
         let f = Filter::builder()
             .name("vpc-id")
@@ -264,25 +318,45 @@ impl ControllerProc {
         env: &[(&str, &str)],
     ) -> ControllerProc {
         let metrics_port = free_port();
-        let log = std::fs::File::create(std::env::temp_dir().join(format!(
-            "cloudlb-controller-{}-{metrics_port}.log",
-            cloud.cluster
-        )))
+        let mut args: Vec<String> = [
+            "controller",
+            "--cluster-name",
+            &cloud.cluster,
+            "--load-balancer-class",
+            &cloud.class,
+            "--node-selector",
+            &format!("cloudlb.io/test-cluster={}", cloud.cluster),
+            "--target-group-binding-selector",
+            &format!("cloudlb.io/test-cluster={}", cloud.cluster),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(rig, &cloud.cluster, &args, env, metrics_port)
+    }
+
+    /// `cloudlb` with exactly `args` (nothing added; they must serve /metrics on `metrics_port`),
+    /// logging to `$TMPDIR/cloudlb-controller-<name>-<port>.log`; `env` overrides the rig's.
+    pub fn spawn(
+        rig: &Rig,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        metrics_port: u16,
+    ) -> ControllerProc {
+        let log = std::fs::File::create(
+            std::env::temp_dir().join(format!("cloudlb-controller-{name}-{metrics_port}.log")),
+        )
         .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudlb"));
-        cmd.arg("controller")
-            .args(["--cluster-name", &cloud.cluster])
-            .args(["--load-balancer-class", &cloud.class])
-            .args([
-                "--node-selector",
-                &format!("cloudlb.io/test-cluster={}", cloud.cluster),
-            ])
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(extra)
+        cmd.args(args)
             .envs(rig.process_env())
             .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .env("RUST_LOG", "info,cloudlb=debug")
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
             .stderr(log);
         let child = cmd.spawn().expect("start controller");
         ControllerProc {

@@ -127,6 +127,18 @@ impl Rig {
         String::from_utf8(out.stdout).expect("utf8")
     }
 
+    /// Applies the generated CRDs (`crds/`) and waits until the apiserver serves them.
+    pub fn install_crds(&self) {
+        let dir = repo_root().join("crds");
+        self.kubectl(&["apply", "-f", dir.to_str().expect("utf8 path")]);
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/targetgroupbindings.cloudlb.io",
+            "--timeout=30s",
+        ]);
+    }
+
     pub fn kubectl_output(&self, args: &[&str]) -> std::process::Output {
         Command::new(tool("kubectl"))
             .args(args)
