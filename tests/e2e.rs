@@ -222,6 +222,22 @@ impl World {
         api.create(&PostParams::default(), &svc).await.unwrap()
     }
 
+    /// Deletes the test's Services while the controller still runs, and waits until it has
+    /// removed their load balancers and target groups.
+    async fn finish(&self) {
+        let api: Api<Service> = Api::namespaced(self.rig.client().await, &self.ns.name);
+        for svc in api.list(&Default::default()).await.unwrap() {
+            let name = svc.metadata.name.unwrap_or_default();
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+        }
+        eventually(
+            "the controller removed the cloud resources",
+            WAIT,
+            || async { self.cloud.inventory().await.is_empty().then_some(()) },
+        )
+        .await;
+    }
+
     /// The hostname `kubectl get svc` shows under EXTERNAL-IP.
     async fn hostname(&self, name: &str) -> String {
         eventually("hostname in kubectl get svc", WAIT, || async {
@@ -393,6 +409,7 @@ async fn tcp_and_udp_requests_to_the_hostname_reach_pods() {
     report("udp round trips", &r);
     assert_eq!(r.answered, 50, "{:?}", r.failures);
     assert!(r.by_backend.contains_key("pod-1") && r.by_backend.contains_key("pod-2"));
+    w.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,6 +473,7 @@ async fn external_traffic_policy_local_sends_only_to_nodes_with_a_local_ready_po
         .map(|t| t.flows)
         .sum();
     assert_eq!(c_flows, 0, "node c has no local pod and got traffic");
+    w.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,6 +509,7 @@ async fn proxy_protocol_gives_the_pod_the_client_address() {
     assert_eq!((h.command, h.family), (1, 0x11), "PROXY over TCP/IPv4");
     assert_eq!(h.destination, addr);
     eprintln!("pod got PPv2 {h:?} for client {client}");
+    w.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -678,6 +697,7 @@ async fn rollouts_under_load_fail_no_request_and_reset_no_connection() {
         total.failures
     );
     assert!(total.sent > 100);
+    w.finish().await;
 }
 
 /// The same node removal with the AWS Load Balancer Controller's default health check for
@@ -743,6 +763,7 @@ async fn node_removal_with_traffic_port_tcp_checks_drops_connections() {
         "expected refused connections while the NLB had not noticed: {:?}",
         r.by_backend
     );
+    w.finish().await;
 }
 
 /// A Service port's nodePort changes: a new target group is created and registered, the
@@ -825,4 +846,5 @@ async fn node_port_change_moves_the_listener_to_a_new_target_group() {
         "{:?}",
         &r.failures[..r.failures.len().min(5)]
     );
+    w.finish().await;
 }

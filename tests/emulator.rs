@@ -85,7 +85,13 @@ async fn target_group(
         .health_check_interval_seconds(10)
         .health_check_timeout_seconds(6)
         .healthy_threshold_count(2)
-        .unhealthy_threshold_count(2);
+        .unhealthy_threshold_count(2)
+        .tags(
+            Tag::builder()
+                .key("cloudlb.io/cluster")
+                .value(&cloud.cluster)
+                .build(),
+        );
     if let Some(p) = hc.path {
         req = req.health_check_path(p);
     }
@@ -183,6 +189,33 @@ async fn deregister(cloud: &TestCloud, tg: &str, instance: &str, port: u16) {
         .expect("deregister");
 }
 
+/// Deletes the test's load balancers (with their listeners), then its target groups.
+async fn cleanup(cloud: &TestCloud) {
+    let inventory = cloud.inventory().await;
+    for (arn, _, _) in inventory
+        .iter()
+        .filter(|(a, _, _)| a.contains(":loadbalancer/"))
+    {
+        let _ = cloud
+            .elb
+            .delete_load_balancer()
+            .load_balancer_arn(arn)
+            .send()
+            .await;
+    }
+    for (arn, _, _) in inventory
+        .iter()
+        .filter(|(a, _, _)| a.contains(":targetgroup/"))
+    {
+        let _ = cloud
+            .elb
+            .delete_target_group()
+            .target_group_arn(arn)
+            .send()
+            .await;
+    }
+}
+
 async fn emulator(rig: &Rig, cloud: &TestCloud, lbs: &NetNs) -> Emulator {
     let mut config = EmulatorConfig::new(&lbs.name);
     config.cluster = Some(cloud.cluster.clone());
@@ -277,6 +310,7 @@ async fn tcp_spreads_over_healthy_targets_and_fails_over() {
             (Health::Unhealthy, Health::Healthy)
         ]
     );
+    cleanup(&cloud).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,6 +370,7 @@ async fn http_health_checks_use_port_path_and_success_codes() {
     wait_health(&emu, &dns, 80, &[(b.addr(30080), Health::Unhealthy)]).await;
     let r = requests(lb, 30).await;
     assert_eq!(r.answered, 30, "fail open: {r:?}");
+    cleanup(&cloud).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,6 +451,7 @@ async fn deregistered_target_drains_established_flows() {
             .iter()
             .all(|t| t.addr != b.addr(30080))
     );
+    cleanup(&cloud).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,6 +530,7 @@ async fn unhealthy_target_connections_reset_unless_told_to_drain() {
     wait_health(&emu, &dns, 80, &[(b.addr(30080), Health::Unhealthy)]).await;
     eprintln!("unhealthy.draining lasted {:?} (60 s × 0.05)", t0.elapsed());
     assert_eq!(to_b.request(T).await, Outcome::Reset);
+    cleanup(&cloud).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,6 +574,7 @@ async fn udp_flows_spread_and_answer() {
     eprintln!("{}", report.summary("udp"));
     assert_eq!(report.answered, 40, "{:?}", report.failures);
     assert!(ua.hits() > 0 && ub.hits() > 0);
+    cleanup(&cloud).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -570,6 +608,7 @@ async fn proxy_protocol_v2_carries_the_client_address() {
     assert_eq!(h.family, 0x11, "TCP over IPv4");
     assert_eq!(h.source, client);
     assert_eq!(h.destination, lb);
+    cleanup(&cloud).await;
 }
 
 #[test]
