@@ -236,6 +236,13 @@ impl World {
             || async { self.cloud.inventory().await.is_empty().then_some(()) },
         )
         .await;
+        // No kubelet finishes graceful pod deletion here: remove the Pods so the namespace goes.
+        let pods: Api<Pod> = Api::namespaced(self.rig.client().await, &self.ns.name);
+        let force = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        };
+        let _ = pods.delete_collection(&force, &Default::default()).await;
     }
 
     /// The hostname `kubectl get svc` shows under EXTERNAL-IP.
