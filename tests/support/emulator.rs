@@ -118,6 +118,8 @@ struct Shared {
     state: Mutex<State>,
     transitions: Mutex<Vec<Transition>>,
     counters: Counters,
+    /// The last account-wide listing: when, and the load balancers served.
+    listing: Mutex<Option<(Instant, Vec<LbName>)>>,
 }
 
 #[derive(Default)]
@@ -239,6 +241,7 @@ impl Emulator {
             state: Mutex::new(State::default()),
             transitions: Mutex::new(Vec::new()),
             counters: Counters::default(),
+            listing: Mutex::new(None),
         });
         write_map(&shared); // empty until the first load balancer appears
         let cancel = CancellationToken::new();
@@ -399,13 +402,18 @@ struct ObservedTg {
     targets: Vec<(String, i32)>,
 }
 
-async fn poll_once(shared: &Arc<Shared>) -> anyhow::Result<()> {
+/// A load balancer's (ARN, DNS name).
+type LbName = (String, String);
+
+/// Every network load balancer we serve (per the cluster filter).
+async fn list_load_balancers(shared: &Arc<Shared>) -> anyhow::Result<Vec<LbName>> {
     let elb = &shared.elb;
     let mut all = Vec::new();
     let mut marker = None;
     loop {
         let page = elb
             .describe_load_balancers()
+            .page_size(400) // the most ELBv2 allows: one call for a whole rig
             .set_marker(marker)
             .send()
             .await?;
@@ -454,6 +462,30 @@ async fn poll_once(shared: &Arc<Shared>) -> anyhow::Result<()> {
         candidates.retain(|(a, _)| st.ownership.get(a) == Some(&true));
     }
 
+    Ok(candidates)
+}
+
+/// How often the whole account's load balancers are listed (new ones found). Known ones are
+/// read at every poll; listing is the costly call when LocalStack holds many.
+const LISTING_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn poll_once(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let elb = &shared.elb;
+    let cached = {
+        let listing = shared.listing.lock().unwrap();
+        listing
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < LISTING_INTERVAL)
+            .map(|(_, lbs)| lbs.clone())
+    };
+    let candidates = match cached {
+        Some(c) => c,
+        None => {
+            let c = list_load_balancers(shared).await?;
+            *shared.listing.lock().unwrap() = Some((Instant::now(), c.clone()));
+            c
+        }
+    };
     let mut observed = Vec::new();
     for (arn, dns_name) in candidates {
         let ls = match elb
