@@ -2,7 +2,10 @@
 //! Kubernetes namespace, AWS name prefix and network namespaces, and clean up after it.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod backends;
 pub mod cloud;
+pub mod emulator;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
