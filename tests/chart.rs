@@ -255,7 +255,7 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
         "controller.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::111122223333:role/cloudlb",
         "image.tag=dev",
         "nodeProxy.enabled=true",
-        "nodeProxy.metricsPort=10266",
+        "nodeProxy.metricsPort=10299",
     ]);
     assert!(kinds(&docs).contains("DaemonSet"));
     let deploy = one(&docs, "Deployment", "rel-cloudlb-controller");
@@ -293,7 +293,7 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
         [
             "node-proxy",
             "--node-name=$(NODE_NAME)",
-            "--metrics-addr=0.0.0.0:10266",
+            "--metrics-addr=0.0.0.0:10299",
             "--bind-address=0.0.0.0",
         ]
     );
