@@ -172,6 +172,11 @@ pub enum ModelError {
 #[derive(Clone, Debug)]
 pub struct ClusterContext {
     pub cluster_name: String,
+    /// When cloudlb's node proxy serves the NodePorts: its admin port, whose `/readyz` turns
+    /// 503 as soon as the proxy starts shutting down. externalTrafficPolicy Cluster target
+    /// groups then health-check it (HTTP) instead of the traffic port, so a node leaves the
+    /// load balancer before its proxy stops accepting.
+    pub node_proxy_health_port: Option<u16>,
 }
 
 /// Nodes that should receive traffic: Ready (unless `include_not_ready`), not excluded by label,
@@ -428,7 +433,12 @@ pub fn desired_load_balancer(
                 (tp, targets)
             }
         };
-        let health_check = health_check(opts, local, spec.health_check_node_port)?;
+        let health_check = health_check(
+            opts,
+            local,
+            spec.health_check_node_port,
+            cluster.node_proxy_health_port,
+        )?;
         let tg_name = aws_name(
             namespace,
             name,
@@ -538,6 +548,7 @@ fn health_check(
     opts: &LoadBalancerOptions,
     local: bool,
     hc_node_port: Option<i32>,
+    node_proxy_port: Option<u16>,
 ) -> Result<HealthCheckSpec, ModelError> {
     let o = &opts.health_check;
     let local_instance = local && opts.target_type == TargetType::Instance;
@@ -547,6 +558,17 @@ fn health_check(
             protocol: HealthCheckProtocol::Http,
             port: port.to_string(),
             path: Some("/healthz".into()),
+            interval_seconds: 10,
+            timeout_seconds: 6,
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            success_codes: Some("200-399".into()),
+        }
+    } else if let (Some(port), TargetType::Instance) = (node_proxy_port, opts.target_type) {
+        HealthCheckSpec {
+            protocol: HealthCheckProtocol::Http,
+            port: port.to_string(),
+            path: Some("/readyz".into()),
             interval_seconds: 10,
             timeout_seconds: 6,
             healthy_threshold: 2,
@@ -631,6 +653,7 @@ mod tests {
     fn cluster() -> ClusterContext {
         ClusterContext {
             cluster_name: "prod".into(),
+            node_proxy_health_port: None,
         }
     }
 
@@ -806,6 +829,38 @@ mod tests {
             (HealthCheckProtocol::Http, "8080", Some("/ok"), 30)
         );
         assert_eq!(hc.success_codes.as_deref(), Some("200-399"));
+    }
+
+    #[test]
+    fn node_proxy_readyz_is_the_cluster_policy_health_check_when_configured() {
+        let with_proxy = ClusterContext {
+            cluster_name: "prod".into(),
+            node_proxy_health_port: Some(10266),
+        };
+        let opts = annotations::parse(&BTreeMap::new()).unwrap();
+        let m = desired_load_balancer(
+            &svc(json!({"ports": [{"port": 80, "nodePort": 30080}]})),
+            &opts,
+            &nodes(),
+            &[],
+            &with_proxy,
+        )
+        .unwrap();
+        let hc = &m.target_groups[0].health_check;
+        assert_eq!(
+            (hc.protocol, hc.port.as_str(), hc.path.as_deref()),
+            (HealthCheckProtocol::Http, "10266", Some("/readyz"))
+        );
+        // Local still checks the Service's own healthCheckNodePort.
+        let local = desired_load_balancer(
+            &svc(json!({"externalTrafficPolicy": "Local", "healthCheckNodePort": 32000, "ports": [{"port": 80, "nodePort": 30080}]})),
+            &opts,
+            &nodes(),
+            &[],
+            &with_proxy,
+        )
+        .unwrap();
+        assert_eq!(local.target_groups[0].health_check.port, "32000");
     }
 
     #[test]

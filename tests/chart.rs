@@ -268,6 +268,7 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
         "--load-balancer-class=example.com/lb",
         "--default-class",
         "--region=eu-west-1",
+        "--node-proxy-health-port=10299",
     ] {
         assert!(args.contains(&want.to_string()), "{want} in {args:?}");
     }

@@ -584,6 +584,7 @@ mod tests {
             &[],
             &ClusterContext {
                 cluster_name: "c".into(),
+                node_proxy_health_port: None,
             },
         )
         .unwrap()

@@ -57,10 +57,25 @@ pub struct ClusterArgs {
     /// Kubernetes service controller does since 1.30. Default: NotReady nodes are deregistered.
     #[arg(long, env = "CLOUDLB_KEEP_NOT_READY_NODES")]
     pub keep_not_ready_nodes: bool,
+    /// cloudlb's node proxy serves the NodePorts and its admin server listens on this port:
+    /// externalTrafficPolicy Cluster target groups then health-check `HTTP /readyz` there,
+    /// which fails as soon as the proxy starts draining (instead of TCP on the traffic port).
+    #[arg(long, env = "CLOUDLB_NODE_PROXY_HEALTH_PORT")]
+    pub node_proxy_health_port: Option<u16>,
     /// Only nodes with all of these labels (`key=value,…`) are ever targets, for every Service
     /// (the target-node-labels annotation narrows it further per Service).
     #[arg(long, env = "CLOUDLB_NODE_SELECTOR", value_parser = parse_labels, default_value = "")]
     pub node_selector: std::collections::BTreeMap<String, String>,
+}
+
+impl ClusterArgs {
+    /// The model's view of these settings.
+    pub fn context(&self) -> crate::model::ClusterContext {
+        crate::model::ClusterContext {
+            cluster_name: self.cluster_name.clone(),
+            node_proxy_health_port: self.node_proxy_health_port,
+        }
+    }
 }
 
 fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, String> {

@@ -14,7 +14,7 @@ use crate::annotations;
 use crate::cloud::aws::{AwsCloud, Ownership, RateLimits, StackQuery};
 use crate::cloud::plan;
 use crate::metrics::ControllerMetrics;
-use crate::model::{self, ClusterContext};
+use crate::model;
 
 /// Command-line settings of `cloudlb plan`.
 #[derive(Clone, Debug, clap::Args)]
@@ -55,9 +55,7 @@ pub async fn run(args: PlanArgs) -> anyhow::Result<()> {
         .list(&ListParams::default())
         .await?
         .items;
-    let cluster = ClusterContext {
-        cluster_name: args.cluster.cluster_name.clone(),
-    };
+    let cluster = args.cluster.context();
     let mut out = std::io::stdout().lock();
     let mut total = 0;
     for svc in services.list(&ListParams::default()).await?.items {

@@ -19,7 +19,7 @@ use crate::annotations::{self, LoadBalancerOptions, TargetType};
 use crate::cloud::CloudError;
 use crate::cloud::aws::{ApplyState, StackQuery};
 use crate::cloud::plan::{self, Change, ObservedStack};
-use crate::model::{self, ClusterContext, DesiredLoadBalancer, ModelError};
+use crate::model::{self, DesiredLoadBalancer, ModelError};
 
 /// Why a reconcile failed; all are retried with backoff, and reported as Events.
 #[derive(Debug, thiserror::Error)]
@@ -252,15 +252,7 @@ fn desire(
     } else {
         Vec::new()
     };
-    model::desired_load_balancer(
-        svc,
-        opts,
-        &eligible,
-        &slices,
-        &ClusterContext {
-            cluster_name: ctx.cluster.cluster_name.clone(),
-        },
-    )
+    model::desired_load_balancer(svc, opts, &eligible, &slices, &ctx.cluster.context())
 }
 
 /// The controller-wide node selector plus the Service's target-node-labels.
@@ -486,6 +478,7 @@ mod tests {
             default_class,
             region: None,
             keep_not_ready_nodes: false,
+            node_proxy_health_port: None,
             node_selector: BTreeMap::new(),
         }
     }
