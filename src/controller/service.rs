@@ -53,6 +53,26 @@ pub fn is_ours(svc: &Service, cluster: &ClusterArgs) -> bool {
     }
 }
 
+/// Whether a Service that is not (or no longer) ours may still hold resources of ours, so its
+/// finalizer is ours to act on. The finalizer name is shared by every cloudlb controller, so
+/// it alone proves nothing: a LoadBalancer Service of another class (or without a class when
+/// we are not the default) belongs to another controller and is never touched — acting on it
+/// would delete that controller's finalizer and status. Only a Service that left
+/// LoadBalancer (its class is cleared with the type) may have been ours.
+pub fn may_own_leftovers(svc: &Service, cluster: &ClusterArgs) -> bool {
+    if is_ours(svc, cluster) {
+        return true;
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        return false;
+    };
+    let class_could_be_ours = match spec.load_balancer_class.as_deref() {
+        Some(c) => c == cluster.load_balancer_class,
+        None => true,
+    };
+    spec.type_.as_deref() != Some("LoadBalancer") && class_could_be_ours
+}
+
 /// Whether the Service asks for ip targets (then its EndpointSlices matter).
 pub fn uses_ip_targets(svc: &Service) -> bool {
     let a: BTreeMap<String, String> = svc.annotations().clone();
@@ -108,7 +128,7 @@ async fn reconcile_inner(
 ) -> Result<Action, ReconcileError> {
     let ours = is_ours(svc, &ctx.cluster);
     if !ours || svc.meta().deletion_timestamp.is_some() {
-        if status::has_finalizer(svc) {
+        if status::has_finalizer(svc) && may_own_leftovers(svc, &ctx.cluster) {
             cleanup(svc, ctx, key, ours).await?;
         }
         return Ok(Action::await_change());
@@ -491,6 +511,30 @@ mod tests {
         for (t, class, default, want) in cases {
             assert_eq!(
                 is_ours(&svc(t, class), &cluster(default)),
+                want,
+                "{t} {class:?} default={default}"
+            );
+        }
+    }
+
+    #[test]
+    fn leftovers_only_where_the_service_could_have_been_ours() {
+        // (type, class, default_class, may own leftovers)
+        let cases = [
+            ("LoadBalancer", Some("cloudlb.io/nlb"), false, true),
+            // another controller's Services, even with the shared finalizer: never touched
+            ("LoadBalancer", Some("other.io/lb"), false, false),
+            ("LoadBalancer", Some("other.io/lb"), true, false),
+            ("LoadBalancer", None, false, false),
+            // left LoadBalancer (the class goes with the type): may have been ours
+            ("ClusterIP", None, false, true),
+            ("NodePort", None, true, true),
+            ("NodePort", Some("cloudlb.io/nlb"), false, true),
+            ("NodePort", Some("other.io/lb"), false, false),
+        ];
+        for (t, class, default, want) in cases {
+            assert_eq!(
+                may_own_leftovers(&svc(t, class), &cluster(default)),
                 want,
                 "{t} {class:?} default={default}"
             );
