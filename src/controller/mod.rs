@@ -142,6 +142,12 @@ pub struct Context {
     pub applied: Mutex<HashMap<ObjectRef<Service>, service::Applied>>,
     /// Per Service: consecutive failures (for the 5 s → 300 s backoff).
     pub failures: Mutex<HashMap<ObjectRef<Service>, u32>>,
+    /// Per Service: target groups a plan created that a later reconcile might not find by
+    /// the desired names or the load balancer (the plan failed before their listener was made
+    /// and the Service changed meanwhile). Observed until a plan completes; see
+    /// [`service::reconcile`].
+    pub pending_target_groups:
+        Mutex<HashMap<ObjectRef<Service>, std::collections::BTreeSet<String>>>,
 }
 
 /// Loads the AWS configuration from the standard chain (env, profile, web identity, IMDS);
@@ -229,6 +235,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds),
         applied: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
+        pending_target_groups: Mutex::new(HashMap::new()),
     });
 
     // Nodes: only changes that can move targets wake Services (not status heartbeats).
