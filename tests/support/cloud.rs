@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag as Ec2Tag, TagSpecification};
@@ -94,35 +94,67 @@ impl TestCloud {
     /// Every load balancer and target group tagged with this test's cluster: (arn, name, tags).
     pub async fn inventory(&self) -> Vec<(String, String, BTreeMap<String, String>)> {
         let mut arns = Vec::new();
-        let lbs = self
-            .elb
-            .describe_load_balancers()
-            .send()
-            .await
-            .expect("lbs");
-        arns.extend(lbs.load_balancers().iter().map(|l| {
-            (
-                l.load_balancer_arn().unwrap().to_string(),
-                l.load_balancer_name().unwrap().to_string(),
-            )
-        }));
-        let tgs = self.elb.describe_target_groups().send().await.expect("tgs");
-        arns.extend(tgs.target_groups().iter().map(|t| {
-            (
-                t.target_group_arn().unwrap().to_string(),
-                t.target_group_name().unwrap().to_string(),
-            )
-        }));
+        let mut marker: Option<String> = None;
+        loop {
+            let lbs = self
+                .elb
+                .describe_load_balancers()
+                .set_marker(marker.take())
+                .send()
+                .await
+                .expect("lbs");
+            arns.extend(lbs.load_balancers().iter().map(|l| {
+                (
+                    l.load_balancer_arn().unwrap().to_string(),
+                    l.load_balancer_name().unwrap().to_string(),
+                )
+            }));
+            marker = lbs.next_marker().map(str::to_string);
+            if marker.is_none() {
+                break;
+            }
+        }
+        loop {
+            let tgs = self
+                .elb
+                .describe_target_groups()
+                .set_marker(marker.take())
+                .send()
+                .await
+                .expect("tgs");
+            arns.extend(tgs.target_groups().iter().map(|t| {
+                (
+                    t.target_group_arn().unwrap().to_string(),
+                    t.target_group_name().unwrap().to_string(),
+                )
+            }));
+            marker = tgs.next_marker().map(str::to_string);
+            if marker.is_none() {
+                break;
+            }
+        }
         let mut out = Vec::new();
         for chunk in arns.chunks(20) {
-            let res = self
+            let mut descriptions = Vec::new();
+            match self
                 .elb
                 .describe_tags()
                 .set_resource_arns(Some(chunk.iter().map(|(a, _)| a.clone()).collect()))
                 .send()
                 .await
-                .expect("tags");
-            for d in res.tag_descriptions() {
+            {
+                Ok(res) => descriptions.extend(res.tag_descriptions().to_vec()),
+                // One of the chunk went away since the listing (a controller deletes
+                // concurrently): ask one by one and skip the vanished.
+                Err(_) => {
+                    for (arn, _) in chunk {
+                        if let Ok(res) = self.elb.describe_tags().resource_arns(arn).send().await {
+                            descriptions.extend(res.tag_descriptions().to_vec());
+                        }
+                    }
+                }
+            }
+            for d in &descriptions {
                 let t: BTreeMap<String, String> = d
                     .tags()
                     .iter()
@@ -282,7 +314,7 @@ impl ControllerProc {
             .envs(rig.process_env())
             .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .env("RUST_LOG", "info,cloudlb=debug")
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
             .stderr(log);
         let child = cmd.spawn().expect("start controller");
         ControllerProc {

@@ -2,7 +2,9 @@
 //! Kubernetes namespace, AWS name prefix and network namespaces, and clean up after it.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod apiserver;
 pub mod cloud;
+pub mod faultproxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
