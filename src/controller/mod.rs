@@ -280,8 +280,13 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let cluster_for_nodes = args.cluster.clone();
     let cluster_for_slices = args.cluster.clone();
 
+    // Exactly one task waits on the stores: kube-runtime's Store::wait_until_ready keeps a
+    // single waker (a oneshot receiver behind DelayedInit), so a second concurrent waiter is
+    // never woken. Everyone else waits on `synced`.
+    let synced = CancellationToken::new();
     {
         let ready = ready.clone();
+        let synced = synced.clone();
         let (n, s, sv) = (nodes.clone(), slices.clone(), service_store.clone());
         tokio::spawn(async move {
             let _ = tokio::join!(
@@ -290,6 +295,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 sv.wait_until_ready()
             );
             ready.store(true, Ordering::Relaxed);
+            synced.cancel();
             tracing::info!("caches synced; ready");
         });
     }
@@ -298,6 +304,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         tokio::spawn(orphans::sweep_loop(
             ctx.clone(),
             service_store.clone(),
+            synced.clone(),
             Duration::from_secs(args.orphan_sweep_interval_seconds),
             Duration::from_secs(args.orphan_grace_seconds),
             shutdown.clone(),

@@ -99,16 +99,21 @@ pub fn orphans<'a>(
     out
 }
 
-/// Runs [`sweep_once`] every `interval` until shutdown.
+/// Runs [`sweep_once`] every `interval` until shutdown, once `synced` (the caches are full).
 pub async fn sweep_loop(
     ctx: Arc<Context>,
     services: Store<Service>,
+    synced: CancellationToken,
     interval: Duration,
     grace: Duration,
     shutdown: CancellationToken,
 ) {
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
-    let _ = services.wait_until_ready().await;
+    // Never judge against a store that is still filling: everything would look orphaned.
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = synced.cancelled() => {}
+    }
     tracing::info!(
         interval_seconds = interval.as_secs(),
         grace_seconds = grace.as_secs(),
