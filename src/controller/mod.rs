@@ -22,6 +22,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::utils::ResetTimerBackoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Mutex;
@@ -242,7 +243,8 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let mut node_hashes: HashMap<String, u64> = HashMap::new();
     let node_stream = reflector::reflector(
         node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .backoff(watch_backoff()),
     )
     .filter_map(move |ev| {
         let out = match ev {
@@ -264,16 +266,19 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         watcher(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .backoff(watch_backoff()),
     )
     .touched_objects();
 
     let services: Api<Service> = Api::all(client.clone());
-    let controller = Controller::new(services, watcher::Config::default()).with_config(
-        ControllerConfig::default()
-            .concurrency(args.concurrency)
-            .debounce(Duration::from_millis(200)),
-    );
+    let controller = Controller::new(services, watcher::Config::default())
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(args.concurrency)
+                .debounce(Duration::from_millis(200)),
+        )
+        .trigger_backoff(watch_backoff());
     let service_store = controller.store();
     let svc_store_for_nodes = service_store.clone();
     let svc_store_for_slices = service_store.clone();
@@ -368,6 +373,24 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Backoff of the watches after an error (apiserver restart, 410 Expired → relist): 250 ms
+/// doubling to at most 5 s, reset after 10 s without errors. kube-runtime's default (client-go's:
+/// 0.8 s → 30 s, reset only after 120 s quiet) kept a controller blind to Service deletes for
+/// up to a minute after two apiserver restarts in a row; three watches retrying every 5 s cost
+/// an apiserver nothing.
+fn watch_backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
+    ResetTimerBackoff::new(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(5))
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .into(),
+        Duration::from_secs(10),
+    )
+}
+
 /// The part of a Node that decides whether (and where) it receives traffic.
 fn node_relevance(n: &Node) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -408,4 +431,21 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "cloudlb".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_backoff_stays_short() {
+        let delays: Vec<Duration> = watch_backoff().take(12).collect();
+        assert_eq!(delays.len(), 12, "never gives up");
+        // jitter adds up to one more delay on top
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(10)),
+            "{delays:?}"
+        );
+        assert!(delays[0] <= Duration::from_millis(500), "{delays:?}");
+    }
 }
