@@ -99,6 +99,22 @@ pub struct BoundTargetGroup {
     pub tags: BTreeMap<String, String>,
 }
 
+/// A load balancer or target group found by [`AwsCloud::inventory`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaggedResource {
+    pub arn: String,
+    pub name: String,
+    pub tags: BTreeMap<String, String>,
+    /// For a target group: the load balancers whose listeners use it.
+    pub load_balancer_arns: Vec<String>,
+}
+
+impl TaggedResource {
+    pub fn is_target_group(&self) -> bool {
+        self.arn.contains(":targetgroup/")
+    }
+}
+
 /// Arns learned while applying a plan (existing ones from observation, new ones on create).
 #[derive(Clone, Debug, Default)]
 pub struct ApplyState {
@@ -349,19 +365,25 @@ impl AwsCloud {
         let mut tg_arns: Vec<String> = Vec::new();
         if let Some(lb) = &stack.load_balancer {
             let arn = lb.arn.clone();
-            let out = self
+            let res = self
                 .call("DescribeTargetGroups", || {
                     self.elb
                         .describe_target_groups()
                         .load_balancer_arn(&arn)
                         .send()
                 })
-                .await?;
-            tg_arns.extend(
-                out.target_groups()
-                    .iter()
-                    .filter_map(|t| t.target_group_arn().map(str::to_string)),
-            );
+                .await;
+            match res {
+                Ok(out) => tg_arns.extend(
+                    out.target_groups()
+                        .iter()
+                        .filter_map(|t| t.target_group_arn().map(str::to_string)),
+                ),
+                // A load balancer without listeners (a crash right after CreateLoadBalancer):
+                // LocalStack answers TargetGroupNotFound where AWS answers an empty list.
+                Err(e) if not_found(&e, &["TargetGroupNotFound"]) => {}
+                Err(e) => return Err(e),
+            }
         }
         let mut found = Vec::new();
         if !tg_arns.is_empty() {
@@ -1302,10 +1324,9 @@ impl AwsCloud {
 
     /// Every load balancer and target group in the account tagged with our cluster, with tags.
     /// Lists the whole account: for the periodic orphan sweep and tests only.
-    pub async fn inventory(
-        &self,
-    ) -> Result<Vec<(String, String, BTreeMap<String, String>)>, CloudError> {
+    pub async fn inventory(&self) -> Result<Vec<TaggedResource>, CloudError> {
         let mut arns: Vec<(String, String)> = Vec::new();
+        let mut attached: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut marker: Option<String> = None;
         loop {
             let m = marker.clone();
@@ -1338,26 +1359,58 @@ impl AwsCloud {
                         .send()
                 })
                 .await?;
-            arns.extend(out.target_groups().iter().filter_map(|t| {
-                Some((
-                    t.target_group_arn()?.to_string(),
-                    t.target_group_name()?.to_string(),
-                ))
-            }));
+            for t in out.target_groups() {
+                let (Some(arn), Some(name)) = (t.target_group_arn(), t.target_group_name()) else {
+                    continue;
+                };
+                arns.push((arn.to_string(), name.to_string()));
+                attached.insert(arn.to_string(), t.load_balancer_arns().to_vec());
+            }
             marker = out.next_marker().map(str::to_string);
             if marker.is_none() {
                 break;
             }
         }
         let only_arns: Vec<String> = arns.iter().map(|(a, _)| a.clone()).collect();
-        let mut tags = self.tags_of(&only_arns).await?;
+        let mut tags = self.tags_of_existing(&only_arns).await?;
         Ok(arns
             .into_iter()
             .filter_map(|(arn, name)| {
                 let t = tags.remove(&arn)?;
-                (t.get(tags::CLUSTER) == Some(&self.owner.cluster)).then_some((arn, name, t))
+                (t.get(tags::CLUSTER) == Some(&self.owner.cluster)).then(|| TaggedResource {
+                    load_balancer_arns: attached.remove(&arn).unwrap_or_default(),
+                    arn,
+                    name,
+                    tags: t,
+                })
             })
             .collect())
+    }
+
+    /// Like [`tags_of`](Self::tags_of) for a listing that may be stale: resources deleted
+    /// since (by a reconcile running meanwhile) are left out instead of failing the batch.
+    async fn tags_of_existing(
+        &self,
+        arns: &[String],
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, CloudError> {
+        let gone = ["LoadBalancerNotFound", "TargetGroupNotFound"];
+        let mut out = BTreeMap::new();
+        for chunk in arns.chunks(20) {
+            match self.tags_of(chunk).await {
+                Ok(t) => out.extend(t),
+                Err(e) if not_found(&e, &gone) => {
+                    for arn in chunk {
+                        match self.tags_of(std::slice::from_ref(arn)).await {
+                            Ok(t) => out.extend(t),
+                            Err(e) if not_found(&e, &gone) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes one resource found by [`inventory`](Self::inventory) (load balancer or target group).

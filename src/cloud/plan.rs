@@ -494,14 +494,38 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
         }
     };
 
-    let observed_listeners: BTreeMap<i32, &ObservedListener> = match (&lb_ref, existing) {
-        (LoadBalancerRef::Arn(_), Some(lb)) => lb.listeners.iter().map(|l| (l.port, l)).collect(),
-        _ => BTreeMap::new(),
-    };
     let arn_of = |name: &str| match tg_refs.get(name) {
         Some(TargetGroupRef::Arn(a)) => Some(a.clone()),
         _ => None,
     };
+    // One listener per port. A second one on a port (LocalStack makes one when a retried
+    // CreateListener had taken effect; AWS refuses) is deleted: the one already forwarding to
+    // the desired target group is kept, else the first.
+    let mut observed_listeners: BTreeMap<i32, &ObservedListener> = BTreeMap::new();
+    let mut duplicate_listeners: Vec<&ObservedListener> = Vec::new();
+    if let (LoadBalancerRef::Arn(_), Some(lb)) = (&lb_ref, existing) {
+        for l in &lb.listeners {
+            let wanted = d
+                .listeners
+                .iter()
+                .find(|w| w.port == l.port)
+                .and_then(|w| arn_of(&w.target_group));
+            match observed_listeners.get(&l.port) {
+                None => {
+                    observed_listeners.insert(l.port, l);
+                }
+                Some(kept)
+                    if wanted.is_some()
+                        && kept.target_group_arn != wanted
+                        && l.target_group_arn == wanted =>
+                {
+                    duplicate_listeners.push(kept);
+                    observed_listeners.insert(l.port, l);
+                }
+                Some(_) => duplicate_listeners.push(l),
+            }
+        }
+    }
     for l in &d.listeners {
         match observed_listeners.get(&l.port) {
             None => middle.push(Change::CreateListener {
@@ -529,6 +553,12 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
                 port: *port,
             });
         }
+    }
+    for o in duplicate_listeners {
+        late.push(Change::DeleteListener {
+            arn: o.arn.clone(),
+            port: o.port,
+        });
     }
     let desired_names: BTreeSet<&str> = d.target_groups.iter().map(|t| t.name.as_str()).collect();
     for o in &observed.target_groups {
@@ -665,6 +695,44 @@ mod tests {
                 "CreateLoadBalancer",
                 "CreateListener"
             ]
+        );
+    }
+
+    #[test]
+    fn a_second_listener_on_a_port_is_deleted_keeping_the_right_one() {
+        let d = desired(30080, &["a"]);
+        let mut o = observed_from(&d);
+        let good = o.load_balancer.as_ref().unwrap().listeners[0].clone();
+        let stray = ObservedListener {
+            arn: "arn:l/stray".into(),
+            target_group_arn: Some("arn:tg/old".into()),
+            ..good.clone()
+        };
+        for listeners in [
+            vec![stray.clone(), good.clone()],
+            vec![good.clone(), stray.clone()],
+        ] {
+            o.load_balancer.as_mut().unwrap().listeners = listeners;
+            assert_eq!(
+                plan(Some(&d), &o),
+                vec![Change::DeleteListener {
+                    arn: "arn:l/stray".into(),
+                    port: good.port
+                }]
+            );
+        }
+        // Two identical ones: one stays.
+        let twin = ObservedListener {
+            arn: "arn:l/twin".into(),
+            ..good.clone()
+        };
+        o.load_balancer.as_mut().unwrap().listeners = vec![good.clone(), twin];
+        assert_eq!(
+            plan(Some(&d), &o),
+            vec![Change::DeleteListener {
+                arn: "arn:l/twin".into(),
+                port: good.port
+            }]
         );
     }
 

@@ -24,6 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::utils::ResetTimerBackoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Mutex;
@@ -200,6 +201,12 @@ pub struct Context {
     pub failures: Mutex<HashMap<ObjectRef<Service>, u32>>,
     /// The TargetGroupBinding controller's memory.
     pub bindings: binding::State,
+    /// Per Service: target groups a plan created that a later reconcile might not find by
+    /// the desired names or the load balancer (the plan failed before their listener was made
+    /// and the Service changed meanwhile). Observed until a plan completes; see
+    /// [`service::reconcile`].
+    pub pending_target_groups:
+        Mutex<HashMap<ObjectRef<Service>, std::collections::BTreeSet<String>>>,
 }
 
 impl Context {
@@ -306,6 +313,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         applied: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
         bindings: binding::State::default(),
+        pending_target_groups: Mutex::new(HashMap::new()),
     });
 
     // The Service controller drives the three watch streams; the binding controller gets a copy
@@ -320,7 +328,8 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let relist_nodes = relist_tx.clone();
     let node_stream = reflector::reflector(
         node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_nodes))
     .filter_map(move |ev| {
@@ -349,7 +358,8 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         watcher(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_slices))
     .touched_objects()
@@ -363,7 +373,8 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         watcher(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .backoff(watch_backoff()),
     )
     .inspect(move |ev| {
         relisted(ev, &relist_tx);
@@ -384,8 +395,13 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let cluster_for_nodes = args.cluster.clone();
     let cluster_for_slices = args.cluster.clone();
 
+    // Exactly one task waits on the stores: kube-runtime's Store::wait_until_ready keeps a
+    // single waker (a oneshot receiver behind DelayedInit), so a second concurrent waiter is
+    // never woken. Everyone else waits on `synced`.
+    let synced = CancellationToken::new();
     {
         let ready = ready.clone();
+        let synced = synced.clone();
         let (n, s, sv) = (nodes.clone(), slices.clone(), service_store.clone());
         tokio::spawn(async move {
             let _ = tokio::join!(
@@ -394,6 +410,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 sv.wait_until_ready()
             );
             ready.store(true, Ordering::Relaxed);
+            synced.cancel();
             tracing::info!("caches synced; ready");
         });
     }
@@ -402,6 +419,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         tokio::spawn(orphans::sweep_loop(
             ctx.clone(),
             service_store.clone(),
+            synced.clone(),
             Duration::from_secs(args.orphan_sweep_interval_seconds),
             Duration::from_secs(args.orphan_grace_seconds),
             shutdown.clone(),
@@ -561,6 +579,24 @@ fn relisted<K>(
     }
 }
 
+/// Backoff of the watches after an error (apiserver restart, 410 Expired → relist): 250 ms
+/// doubling to at most 5 s, reset after 10 s without errors. kube-runtime's default (client-go's:
+/// 0.8 s → 30 s, reset only after 120 s quiet) kept a controller blind to Service deletes for
+/// up to a minute after two apiserver restarts in a row; three watches retrying every 5 s cost
+/// an apiserver nothing.
+fn watch_backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
+    ResetTimerBackoff::new(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(5))
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .into(),
+        Duration::from_secs(10),
+    )
+}
+
 /// The part of a Node that decides whether (and where) it receives traffic.
 fn node_relevance(n: &Node) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -623,5 +659,17 @@ mod tests {
                 .map_err(|_| ());
             assert_eq!(got.as_deref().map_err(|_| ()), want, "{flag:?}");
         }
+    }
+
+    #[test]
+    fn watch_backoff_stays_short() {
+        let delays: Vec<Duration> = watch_backoff().take(12).collect();
+        assert_eq!(delays.len(), 12, "never gives up");
+        // jitter adds up to one more delay on top
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(10)),
+            "{delays:?}"
+        );
+        assert!(delays[0] <= Duration::from_millis(500), "{delays:?}");
     }
 }

@@ -161,9 +161,11 @@ async fn reconcile_inner(
     }
 
     status::add_finalizer(&ctx.client, svc, &ctx.finalizer).await?;
+    let mut q = query(svc, Some(&desired), &opts, ctx);
+    with_pending(&mut q, ctx, &svc_ref).await;
     let observed = ctx
         .cloud
-        .observe(&query(svc, Some(&desired), &opts, ctx))
+        .observe(&q)
         .await
         .map_err(|e| report_sync_failure(svc, ctx, e))?;
     let changes = plan::plan(Some(&desired), &observed);
@@ -181,6 +183,7 @@ async fn reconcile_inner(
             )
             .await;
         }
+        remember_created(&changes, ctx, &svc_ref).await;
         let st = apply_all(svc, ctx, &changes, Some(&desired), &observed).await?;
         let summary = summarize(&changes);
         if creating {
@@ -205,6 +208,9 @@ async fn reconcile_inner(
         info!(changes = changes.len(), %summary, "load balancer synced");
         st.dns_name
     };
+    // The stack matches the plan: every target group a plan created is attached, and every
+    // observed one it did not want is gone.
+    ctx.pending_target_groups.lock().await.remove(&svc_ref);
     status::update(
         &ctx.client,
         svc,
@@ -253,6 +259,16 @@ fn desire(
         Vec::new()
     };
     model::desired_load_balancer(svc, opts, &eligible, &slices, &ctx.cluster.context())
+}
+
+/// What a reconcile of `svc` would look at: load balancer names and target group names
+/// (besides the target groups of that load balancer). `None` when the Service cannot be
+/// modelled (bad annotations): then nothing of it can be judged unreachable.
+pub fn reachable_names(svc: &Service, ctx: &Context) -> Option<(Vec<String>, Vec<String>)> {
+    let opts = annotations::parse(svc.annotations()).ok()?;
+    let desired = desire(svc, ctx, &opts).ok()?;
+    let q = query(svc, Some(&desired), &opts, ctx);
+    Some((q.load_balancer_names, q.target_group_names))
 }
 
 /// The controller-wide node selector plus the Service's target-node-labels.
@@ -398,6 +414,8 @@ async fn cleanup(
     if let Some(d) = &desired {
         q.target_group_names = d.target_groups.iter().map(|t| t.name.clone()).collect();
     }
+    let svc_ref = ObjectRef::from_obj(svc);
+    with_pending(&mut q, ctx, &svc_ref).await;
     let observed = ctx
         .cloud
         .observe(&q)
@@ -427,13 +445,45 @@ async fn cleanup(
     if svc.meta().deletion_timestamp.is_none() && !still_ours {
         status::clear(&ctx.client, svc).await?;
     }
+    ctx.pending_target_groups.lock().await.remove(&svc_ref);
     status::remove_finalizer(&ctx.client, svc, &ctx.finalizer).await?;
     let mut applied = ctx.applied.lock().await;
-    applied.remove(&ObjectRef::from_obj(svc));
+    applied.remove(&svc_ref);
     ctx.metrics
         .managed_load_balancers
         .set(applied.values().filter(|a| a.hostname.is_some()).count() as i64);
     Ok(())
+}
+
+/// Adds the target groups earlier, unfinished plans created to what `q` looks for.
+async fn with_pending(q: &mut StackQuery, ctx: &Context, svc_ref: &ObjectRef<Service>) {
+    if let Some(pending) = ctx.pending_target_groups.lock().await.get(svc_ref) {
+        for name in pending {
+            if !q.target_group_names.contains(name) {
+                q.target_group_names.push(name.clone());
+            }
+        }
+    }
+}
+
+/// Notes, before applying, the target groups `changes` will create: if the plan stops half
+/// way and the Service then changes, the next reconcile still finds (and deletes) them.
+async fn remember_created(changes: &[Change], ctx: &Context, svc_ref: &ObjectRef<Service>) {
+    let created: Vec<String> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::CreateTargetGroup(tg) => Some(tg.name.clone()),
+            _ => None,
+        })
+        .collect();
+    if !created.is_empty() {
+        ctx.pending_target_groups
+            .lock()
+            .await
+            .entry(svc_ref.clone())
+            .or_default()
+            .extend(created);
+    }
 }
 
 async fn event(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: &str) {

@@ -99,7 +99,7 @@ impl TestCloud {
             let lbs = self
                 .elb
                 .describe_load_balancers()
-                .set_marker(marker.clone())
+                .set_marker(marker.take())
                 .send()
                 .await
                 .expect("lbs");
@@ -118,7 +118,7 @@ impl TestCloud {
             let tgs = self
                 .elb
                 .describe_target_groups()
-                .set_marker(marker.clone())
+                .set_marker(marker.take())
                 .send()
                 .await
                 .expect("tgs");
@@ -135,14 +135,26 @@ impl TestCloud {
         }
         let mut out = Vec::new();
         for chunk in arns.chunks(20) {
-            let res = self
+            let mut descriptions = Vec::new();
+            match self
                 .elb
                 .describe_tags()
                 .set_resource_arns(Some(chunk.iter().map(|(a, _)| a.clone()).collect()))
                 .send()
                 .await
-                .expect("tags");
-            for d in res.tag_descriptions() {
+            {
+                Ok(res) => descriptions.extend(res.tag_descriptions().to_vec()),
+                // One of the chunk went away since the listing (a controller deletes
+                // concurrently): ask one by one and skip the vanished.
+                Err(_) => {
+                    for (arn, _) in chunk {
+                        if let Ok(res) = self.elb.describe_tags().resource_arns(arn).send().await {
+                            descriptions.extend(res.tag_descriptions().to_vec());
+                        }
+                    }
+                }
+            }
+            for d in &descriptions {
                 let t: BTreeMap<String, String> = d
                     .tags()
                     .iter()

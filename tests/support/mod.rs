@@ -2,9 +2,11 @@
 //! Kubernetes namespace, AWS name prefix and network namespaces, and clean up after it.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod apiserver;
 pub mod backends;
 pub mod cloud;
 pub mod emulator;
+pub mod faultproxy;
 pub mod netns;
 
 use std::path::{Path, PathBuf};
