@@ -113,6 +113,26 @@ impl TaggedResource {
     pub fn is_target_group(&self) -> bool {
         self.arn.contains(":targetgroup/")
     }
+
+    /// Managed security groups are listed by their id (`sg-…`) in place of an ARN.
+    pub fn is_security_group(&self) -> bool {
+        self.arn.starts_with("sg-")
+    }
+
+    pub fn is_load_balancer(&self) -> bool {
+        !self.is_target_group() && !self.is_security_group()
+    }
+
+    /// Deletion order: load balancers, then target groups, then security groups.
+    pub fn deletion_rank(&self) -> u8 {
+        if self.is_security_group() {
+            2
+        } else if self.is_target_group() {
+            1
+        } else {
+            0
+        }
+    }
 }
 
 /// Arns learned while applying a plan (existing ones from observation, new ones on create).
@@ -1373,7 +1393,7 @@ impl AwsCloud {
         }
         let only_arns: Vec<String> = arns.iter().map(|(a, _)| a.clone()).collect();
         let mut tags = self.tags_of_existing(&only_arns).await?;
-        Ok(arns
+        let mut found: Vec<TaggedResource> = arns
             .into_iter()
             .filter_map(|(arn, name)| {
                 let t = tags.remove(&arn)?;
@@ -1384,7 +1404,47 @@ impl AwsCloud {
                     tags: t,
                 })
             })
-            .collect())
+            .collect();
+        // Managed security groups: EC2 filters by tag on the server side.
+        let filter = ec2::types::Filter::builder()
+            .name(format!("tag:{}", tags::CLUSTER))
+            .values(&self.owner.cluster)
+            .build();
+        let mut token: Option<String> = None;
+        loop {
+            let t = token.clone();
+            let out = self
+                .call("DescribeSecurityGroups", || {
+                    self.ec2
+                        .describe_security_groups()
+                        .filters(filter.clone())
+                        .set_next_token(t.clone())
+                        .send()
+                })
+                .await?;
+            found.extend(out.security_groups().iter().filter_map(|g| {
+                Some(TaggedResource {
+                    arn: g.group_id()?.to_string(),
+                    name: g.group_name().unwrap_or_default().to_string(),
+                    tags: g
+                        .tags()
+                        .iter()
+                        .filter_map(|t| {
+                            Some((
+                                t.key()?.to_string(),
+                                t.value().unwrap_or_default().to_string(),
+                            ))
+                        })
+                        .collect(),
+                    load_balancer_arns: Vec::new(),
+                })
+            }));
+            token = out.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(found)
     }
 
     /// Like [`tags_of`](Self::tags_of) for a listing that may be stale: resources deleted
@@ -1415,7 +1475,12 @@ impl AwsCloud {
 
     /// Deletes one resource found by [`inventory`](Self::inventory) (load balancer or target group).
     pub async fn delete_by_arn(&self, arn: &str, name: &str) -> Result<(), CloudError> {
-        let change = if arn.contains(":targetgroup/") {
+        let change = if arn.starts_with("sg-") {
+            Change::DeleteSecurityGroup {
+                id: arn.into(),
+                name: name.into(),
+            }
+        } else if arn.contains(":targetgroup/") {
             Change::DeleteTargetGroup {
                 arn: arn.into(),
                 name: name.into(),

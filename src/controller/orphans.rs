@@ -57,7 +57,7 @@ pub fn orphans<'a>(
     live: &BTreeMap<String, Reach>,
 ) -> Vec<(&'a TaggedResource, OrphanReason)> {
     let mut reachable_lbs: BTreeSet<&str> = BTreeSet::new();
-    for r in inventory.iter().filter(|r| !r.is_target_group()) {
+    for r in inventory.iter().filter(|r| r.is_load_balancer()) {
         let service = r.tags.get(tags::SERVICE).map(String::as_str).unwrap_or("");
         match live.get(service) {
             Some(Reach::Unknown) => {
@@ -77,8 +77,14 @@ pub fn orphans<'a>(
             let reason = match live.get(service) {
                 None => OrphanReason::ServiceGone,
                 Some(Reach::Unknown) => return None,
-                Some(Reach::Names { target_groups, .. }) => {
-                    let reached = if r.is_target_group() {
+                Some(Reach::Names {
+                    target_groups,
+                    load_balancers,
+                }) => {
+                    let reached = if r.is_security_group() {
+                        // named like the load balancer it fronts
+                        load_balancers.contains(&r.name)
+                    } else if r.is_target_group() {
                         target_groups.contains(&r.name)
                             || r.load_balancer_arns
                                 .iter()
@@ -95,7 +101,7 @@ pub fn orphans<'a>(
             Some((r, reason))
         })
         .collect();
-    out.sort_by_key(|(r, _)| r.is_target_group());
+    out.sort_by_key(|(r, _)| r.deletion_rank());
     out
 }
 
@@ -227,6 +233,35 @@ mod tests {
             load_balancers: lbs.iter().map(|s| s.to_string()).collect(),
             target_groups: tgs.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    fn sg(id: &str, name: &str, service: &str) -> TaggedResource {
+        let mut r = res("loadbalancer", name, Some(service), &[]);
+        r.arn = id.to_string();
+        r
+    }
+
+    #[test]
+    fn managed_security_groups_follow_their_load_balancer_and_go_last() {
+        let inventory = vec![
+            sg("sg-live", "lb-a", "ns/a"),
+            sg("sg-stale", "lb-a-old", "ns/a"),
+            sg("sg-gone", "lb-b", "ns/b"),
+            res("loadbalancer", "lb-b", Some("ns/b"), &[]),
+        ];
+        let live: BTreeMap<String, Reach> = [("ns/a".to_string(), names(&["lb-a"], &[]))].into();
+        let got: Vec<(&str, OrphanReason)> = orphans(&inventory, &live)
+            .into_iter()
+            .map(|(r, why)| (r.arn.as_str(), why))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (lb_arn("lb-b").as_str(), OrphanReason::ServiceGone),
+                ("sg-stale", OrphanReason::Unreachable),
+                ("sg-gone", OrphanReason::ServiceGone),
+            ]
+        );
     }
 
     #[test]
