@@ -49,6 +49,10 @@ pub struct ObservedTargetGroup {
 pub struct ObservedStack {
     pub load_balancer: Option<ObservedLoadBalancer>,
     pub target_groups: Vec<ObservedTargetGroup>,
+    /// (arn, name) of further load balancers of ours under the same name. AWS never has
+    /// them (a retried CreateLoadBalancer is idempotent); LocalStack makes one for each retry
+    /// of a create whose response was lost. Always deleted.
+    pub duplicate_load_balancers: Vec<(String, String)>,
 }
 
 /// A target group named by its ARN (exists) or by its name (created earlier in the same plan).
@@ -255,6 +259,7 @@ fn plan_teardown(observed: &ObservedStack) -> Vec<Change> {
             name: lb.name.clone(),
         });
     }
+    out.extend(delete_duplicates(observed));
     for tg in &observed.target_groups {
         out.push(Change::DeleteTargetGroup {
             arn: tg.arn.clone(),
@@ -262,6 +267,16 @@ fn plan_teardown(observed: &ObservedStack) -> Vec<Change> {
         });
     }
     out
+}
+
+fn delete_duplicates(observed: &ObservedStack) -> impl Iterator<Item = Change> + '_ {
+    observed
+        .duplicate_load_balancers
+        .iter()
+        .map(|(arn, name)| Change::DeleteLoadBalancer {
+            arn: arn.clone(),
+            name: name.clone(),
+        })
 }
 
 fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> {
@@ -443,6 +458,7 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
             port: o.port,
         });
     }
+    late.extend(delete_duplicates(observed));
     let desired_names: BTreeSet<&str> = d.target_groups.iter().map(|t| t.name.as_str()).collect();
     for o in &observed.target_groups {
         if !desired_names.contains(o.name.as_str()) {
@@ -547,6 +563,7 @@ mod tests {
                     .collect(),
             }),
             target_groups: tgs,
+            duplicate_load_balancers: Vec::new(),
         }
     }
 
@@ -604,6 +621,26 @@ mod tests {
                 arn: "arn:l/twin".into(),
                 port: good.port
             }]
+        );
+    }
+
+    #[test]
+    fn a_duplicate_load_balancer_is_deleted_on_apply_and_teardown() {
+        let d = desired(30080, &["a"]);
+        let mut o = observed_from(&d);
+        o.duplicate_load_balancers = vec![("arn:lb2".into(), d.name.clone())];
+        let del = Change::DeleteLoadBalancer {
+            arn: "arn:lb2".into(),
+            name: d.name.clone(),
+        };
+        assert_eq!(plan(Some(&d), &o), vec![del.clone()]);
+        let teardown = plan(None, &o);
+        assert_eq!(teardown[1], del);
+        assert!(
+            teardown[2..]
+                .iter()
+                .all(|c| c.kind() == "DeleteTargetGroup"),
+            "{teardown:?}"
         );
     }
 
