@@ -373,7 +373,10 @@ impl AwsCloud {
                 continue;
             }
             let lb = match self.find_load_balancer(name, &q.service).await {
-                Ok(Some(lb)) => lb,
+                Ok(Some((lb, duplicates))) => {
+                    stack.duplicate_load_balancers.extend(duplicates);
+                    lb
+                }
                 Ok(None) => continue,
                 Err(CloudError::NotOwned { .. }) if q.skip_foreign => continue,
                 Err(e) => return Err(e),
@@ -545,7 +548,7 @@ impl AwsCloud {
         &self,
         name: &str,
         service: &str,
-    ) -> Result<Option<ObservedLoadBalancer>, CloudError> {
+    ) -> Result<Option<(ObservedLoadBalancer, Vec<(String, String)>)>, CloudError> {
         let res = self
             .call("DescribeLoadBalancers", || {
                 self.elb.describe_load_balancers().names(name).send()
@@ -560,11 +563,20 @@ impl AwsCloud {
             return Ok(None);
         };
         let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
-        let t = self
-            .tags_of(std::slice::from_ref(&arn))
-            .await?
-            .remove(&arn)
-            .unwrap_or_default();
+        let all_arns: Vec<String> = out
+            .load_balancers()
+            .iter()
+            .filter_map(|l| l.load_balancer_arn().map(str::to_string))
+            .collect();
+        let mut tag_map = self.tags_of(&all_arns).await?;
+        let t = tag_map.remove(&arn).unwrap_or_default();
+        // More than one under one name happens only on LocalStack (see ObservedStack).
+        let duplicates: Vec<(String, String)> = all_arns
+            .iter()
+            .filter(|a| **a != arn)
+            .filter(|a| tag_map.get(*a).is_some_and(|t| self.owner.owns(t, service)))
+            .map(|a| (a.clone(), name.to_string()))
+            .collect();
         if !self.owner.owns(&t, service) {
             return Err(CloudError::NotOwned {
                 kind: "load balancer",
@@ -584,7 +596,7 @@ impl AwsCloud {
                 self.elb.describe_listeners().load_balancer_arn(&arn).send()
             })
             .await?;
-        Ok(Some(ObservedLoadBalancer {
+        let observed = ObservedLoadBalancer {
             name: lb.load_balancer_name().unwrap_or_default().to_string(),
             dns_name: lb.dns_name().unwrap_or_default().to_string(),
             scheme: lb
@@ -629,7 +641,8 @@ impl AwsCloud {
                 })
                 .collect(),
             arn,
-        }))
+        };
+        Ok(Some((observed, duplicates)))
     }
 
     /// Tags of up to any number of ELBv2 resources (DescribeTags takes 20 at a time).

@@ -54,6 +54,10 @@ pub struct ObservedStack {
     pub load_balancer: Option<ObservedLoadBalancer>,
     pub target_groups: Vec<ObservedTargetGroup>,
     pub security_group: Option<ObservedSecurityGroup>,
+    /// (arn, name) of further load balancers of ours under the same name. AWS never has
+    /// them (a retried CreateLoadBalancer is idempotent); LocalStack makes one for each retry
+    /// of a create whose response was lost. Always deleted.
+    pub duplicate_load_balancers: Vec<(String, String)>,
 }
 
 /// The managed security group as read from EC2.
@@ -316,6 +320,7 @@ fn plan_teardown(observed: &ObservedStack) -> Vec<Change> {
             name: lb.name.clone(),
         });
     }
+    out.extend(delete_duplicates(observed));
     for tg in &observed.target_groups {
         out.push(Change::DeleteTargetGroup {
             arn: tg.arn.clone(),
@@ -329,6 +334,16 @@ fn plan_teardown(observed: &ObservedStack) -> Vec<Change> {
         });
     }
     out
+}
+
+fn delete_duplicates(observed: &ObservedStack) -> impl Iterator<Item = Change> + '_ {
+    observed
+        .duplicate_load_balancers
+        .iter()
+        .map(|(arn, name)| Change::DeleteLoadBalancer {
+            arn: arn.clone(),
+            name: name.clone(),
+        })
 }
 
 fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> {
@@ -560,6 +575,7 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
             port: o.port,
         });
     }
+    late.extend(delete_duplicates(observed));
     let desired_names: BTreeSet<&str> = d.target_groups.iter().map(|t| t.name.as_str()).collect();
     for o in &observed.target_groups {
         if !desired_names.contains(o.name.as_str()) {
@@ -675,6 +691,7 @@ mod tests {
                     ingress: g.ingress.clone(),
                     tags: g.tags.clone(),
                 }),
+            duplicate_load_balancers: Vec::new(),
         }
     }
 
@@ -733,6 +750,26 @@ mod tests {
                 arn: "arn:l/twin".into(),
                 port: good.port
             }]
+        );
+    }
+
+    #[test]
+    fn a_duplicate_load_balancer_is_deleted_on_apply_and_teardown() {
+        let d = desired(30080, &["a"]);
+        let mut o = observed_from(&d);
+        o.duplicate_load_balancers = vec![("arn:lb2".into(), d.name.clone())];
+        let del = Change::DeleteLoadBalancer {
+            arn: "arn:lb2".into(),
+            name: d.name.clone(),
+        };
+        assert_eq!(plan(Some(&d), &o), vec![del.clone()]);
+        let teardown = plan(None, &o);
+        assert_eq!(teardown[1], del);
+        let rest: Vec<&str> = teardown[2..].iter().map(Change::kind).collect();
+        assert_eq!(
+            rest,
+            vec!["DeleteTargetGroup", "DeleteSecurityGroup"],
+            "{teardown:?}"
         );
     }
 

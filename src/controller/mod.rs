@@ -185,6 +185,8 @@ pub const MANAGER: &str = "cloudlb-controller";
 /// Everything a reconcile needs; built once.
 pub struct Context {
     pub client: Client,
+    /// Cancelled once every store holds its initial list (see [`Context::stores_synced`]).
+    pub synced: CancellationToken,
     /// This controller's finalizer (see [`finalizer_for`]).
     pub finalizer: String,
     pub cloud: AwsCloud,
@@ -214,13 +216,7 @@ impl Context {
     /// desired state would be built from partial data (e.g. no nodes → every target
     /// deregistered), so reconciles wait.
     pub fn stores_synced(&self) -> bool {
-        fn synced<K: kube::runtime::reflector::Lookup + Clone + 'static>(store: &Store<K>) -> bool
-        where
-            K::DynamicType: Eq + std::hash::Hash + Clone,
-        {
-            futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
-        }
-        synced(&self.nodes) && synced(&self.slices) && synced(&self.services)
+        self.synced.is_cancelled()
     }
 }
 
@@ -299,8 +295,11 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             instance: Some(identity.clone()),
         },
     );
+    // Cancelled once the node, EndpointSlice and Service stores hold their initial lists.
+    let synced = CancellationToken::new();
     let ctx = Arc::new(Context {
         client: client.clone(),
+        synced: synced.clone(),
         finalizer: finalizer_for(&args.cluster.load_balancer_class),
         cloud,
         recorder,
@@ -322,6 +321,16 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let (slice_tx, slice_rx) = futures::channel::mpsc::unbounded::<EndpointSlice>();
     let (svc_tx, svc_rx) = futures::channel::mpsc::unbounded::<Service>();
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
+    // Readiness comes from the watch streams themselves (the first InitDone, which a reflector
+    // passes on only after its store holds the initial list), never from
+    // Store::wait_until_ready: that keeps a single waker (a oneshot behind DelayedInit), and
+    // the Controller's applier already waits on the Service store, so any second waiter — the
+    // readiness task, the orphan sweep — could starve, or starve the applier.
+    let (nodes_synced, slices_synced, services_synced) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
 
     // Nodes: only changes that can move targets wake Services (not status heartbeats).
     let mut node_hashes: HashMap<String, u64> = HashMap::new();
@@ -332,6 +341,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_nodes))
+    .inspect(mark_synced(nodes_synced.clone()))
     .filter_map(move |ev| {
         let out = match ev {
             Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
@@ -362,6 +372,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_slices))
+    .inspect(mark_synced(slices_synced.clone()))
     .touched_objects()
     .inspect(move |s| {
         if let Ok(s) = s {
@@ -376,6 +387,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         )
         .backoff(watch_backoff()),
     )
+    .inspect(mark_synced(services_synced.clone()))
     .inspect(move |ev| {
         relisted(ev, &relist_tx);
         if let Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) = ev {
@@ -384,31 +396,25 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     })
     .applied_objects();
 
-    let controller = Controller::for_stream(service_stream, services.clone()).with_config(
-        ControllerConfig::default()
-            .concurrency(args.concurrency)
-            .debounce(Duration::from_millis(200)),
-    );
+    let controller = Controller::for_stream(service_stream, services.clone())
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(args.concurrency)
+                .debounce(Duration::from_millis(200)),
+        )
+        .trigger_backoff(watch_backoff());
     let service_store = controller.store();
     let svc_store_for_nodes = service_store.clone();
     let svc_store_for_slices = service_store.clone();
     let cluster_for_nodes = args.cluster.clone();
     let cluster_for_slices = args.cluster.clone();
 
-    // Exactly one task waits on the stores: kube-runtime's Store::wait_until_ready keeps a
-    // single waker (a oneshot receiver behind DelayedInit), so a second concurrent waiter is
-    // never woken. Everyone else waits on `synced`.
-    let synced = CancellationToken::new();
     {
         let ready = ready.clone();
         let synced = synced.clone();
-        let (n, s, sv) = (nodes.clone(), slices.clone(), service_store.clone());
+        let (n, s, sv) = (nodes_synced, slices_synced, services_synced);
         tokio::spawn(async move {
-            let _ = tokio::join!(
-                n.wait_until_ready(),
-                s.wait_until_ready(),
-                sv.wait_until_ready()
-            );
+            tokio::join!(n.cancelled(), s.cancelled(), sv.cancelled());
             ready.store(true, Ordering::Relaxed);
             synced.cancel();
             tracing::info!("caches synced; ready");
@@ -579,16 +585,28 @@ fn relisted<K>(
     }
 }
 
+/// A stream inspector that cancels `synced` at the first InitDone (the initial list is in the
+/// store).
+fn mark_synced<K>(
+    synced: CancellationToken,
+) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
+    move |ev| {
+        if matches!(ev, Ok(watcher::Event::InitDone)) {
+            synced.cancel();
+        }
+    }
+}
+
 /// Backoff of the watches after an error (apiserver restart, 410 Expired → relist): 250 ms
-/// doubling to at most 5 s, reset after 10 s without errors. kube-runtime's default (client-go's:
-/// 0.8 s → 30 s, reset only after 120 s quiet) kept a controller blind to Service deletes for
-/// up to a minute after two apiserver restarts in a row; three watches retrying every 5 s cost
-/// an apiserver nothing.
+/// doubling to at most 2 s (plus jitter), reset after 10 s without errors. kube-runtime's
+/// default (client-go's: 0.8 s → 30 s, reset only after 120 s quiet) kept a controller blind to
+/// Service deletes for up to a minute after two apiserver restarts in a row; three watches
+/// retrying every few seconds cost an apiserver nothing.
 fn watch_backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
     ResetTimerBackoff::new(
         backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(250))
-            .with_max_delay(Duration::from_secs(5))
+            .with_max_delay(Duration::from_secs(2))
             .with_factor(2.0)
             .with_jitter()
             .without_max_times()
@@ -667,7 +685,7 @@ mod tests {
         assert_eq!(delays.len(), 12, "never gives up");
         // jitter adds up to one more delay on top
         assert!(
-            delays.iter().all(|d| *d <= Duration::from_secs(10)),
+            delays.iter().all(|d| *d <= Duration::from_secs(4)),
             "{delays:?}"
         );
         assert!(delays[0] <= Duration::from_millis(500), "{delays:?}");

@@ -182,3 +182,36 @@ impl Drop for PrivateApiserver {
         drop(self.etcd.take());
     }
 }
+
+/// A Ready Node named `name` (InternalIP `ip`, providerID of a new EC2 instance in the test
+/// subnet, the label the controller's node selector wants); returns the instance id.
+pub async fn ready_node(
+    client: &kube::Client,
+    cloud: &super::cloud::TestCloud,
+    name: &str,
+    ip: &str,
+) -> String {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let id = cloud.instance(None).await;
+    let api: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"cloudlb.io/test-cluster": cloud.cluster}},
+        "spec": {"providerID": super::cloud::TestCloud::provider_id(&id)},
+    }))
+    .expect("node");
+    api.create(&PostParams::default(), &node)
+        .await
+        .expect("create node");
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {
+            "addresses": [{"type": "InternalIP", "address": ip}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Rig",
+                            "lastHeartbeatTime": null, "lastTransitionTime": null}]}})),
+    )
+    .await
+    .expect("node status");
+    id
+}
