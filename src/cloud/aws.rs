@@ -323,6 +323,14 @@ impl AwsCloud {
         } else {
             &self.general
         };
+        // A create that failed on the network may have reached AWS: retrying it blindly could
+        // make it twice (LocalStack does; AWS answers idempotently). It fails the reconcile
+        // instead, and the next one observes what exists by name.
+        let maybe_applied = std::sync::atomic::AtomicBool::new(false);
+        let creates = matches!(
+            operation,
+            "CreateLoadBalancer" | "CreateTargetGroup" | "CreateListener"
+        );
         let attempt = || async {
             bucket.acquire().await;
             let res = f().await;
@@ -339,6 +347,10 @@ impl AwsCloud {
                 }
                 Err(e) => classify(operation, e),
             };
+            maybe_applied.store(
+                outcome.1 == "network_error",
+                std::sync::atomic::Ordering::Relaxed,
+            );
             self.metrics
                 .aws_calls
                 .get_or_create(&AwsCallLabels {
@@ -356,7 +368,10 @@ impl AwsCloud {
                     .with_max_times(4)
                     .with_jitter(),
             )
-            .when(CloudError::is_transient)
+            .when(|e| {
+                e.is_transient()
+                    && !(creates && maybe_applied.load(std::sync::atomic::Ordering::Relaxed))
+            })
             .notify(|e, d| tracing::debug!(error = %e, delay = ?d, "retrying AWS call"))
             .await
     }
