@@ -43,7 +43,9 @@ impl Rig {
     pub fn get() -> &'static Rig {
         RIG.get_or_init(|| {
             let root = repo_root();
+            // -o: the rig's daemons must not inherit (and hold forever) the lock.
             let status = Command::new("flock")
+                .arg("-o")
                 .arg("/tmp/cloudlb-rig.lock")
                 .arg(root.join("dev/rig"))
                 .arg("up")
