@@ -133,8 +133,24 @@ impl Rig {
 
     /// Applies the generated CRDs (`crds/`) and waits until the apiserver serves them.
     pub fn install_crds(&self) {
+        // Once per test process: tests running in parallel would race to create the CRD.
+        static INSTALLED: OnceLock<()> = OnceLock::new();
+        INSTALLED.get_or_init(|| self.apply_crds());
+    }
+
+    fn apply_crds(&self) {
         let dir = repo_root().join("crds");
-        self.kubectl(&["apply", "-f", dir.to_str().expect("utf8 path")]);
+        let dir = dir.to_str().expect("utf8 path");
+        // Another test process may create it between our read and our create: apply again.
+        let first = self.kubectl_output(&["apply", "-f", dir]);
+        if !first.status.success() {
+            let err = String::from_utf8_lossy(&first.stderr);
+            assert!(
+                err.contains("AlreadyExists"),
+                "kubectl apply -f {dir} failed: {err}"
+            );
+            self.kubectl(&["apply", "-f", dir]);
+        }
         self.kubectl(&[
             "wait",
             "--for=condition=Established",
