@@ -696,14 +696,22 @@ async fn force_deleted_service_is_collected_as_orphan_and_nothing_else_is() {
             "orphans deleted before the grace period"
         );
     }
-    // Converged = o1's NLB and target group and o2's stale group gone, the rest exact.
+    // Converged = o1's NLB, target group and security group and o2's stale group gone, the rest exact.
     let inv = bed
         .converge("orphans: o1 and the stale group collected")
         .await;
     assert_eq!(inv.services, 2);
     let m = controller.metrics();
     let deleted = metric(&m, "cloudlb_orphans_deleted_total");
-    assert_eq!(deleted, 3.0, "o1's NLB and target group, o2's stale group");
+    assert_eq!(
+        deleted, 4.0,
+        "o1's NLB, target group and managed security group, o2's stale group"
+    );
+    assert_eq!(
+        cloud.security_groups().await.len(),
+        inv.services,
+        "one managed security group per live Service, o1's collected"
+    );
     let log = std::fs::read_to_string(std::env::temp_dir().join(format!(
         "cloudlb-controller-{}-{}.log",
         cloud.cluster, controller.metrics_port
