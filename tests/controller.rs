@@ -57,6 +57,20 @@ fn node_ports(svc: &Service) -> Vec<(i32, String, i32)> {
     v
 }
 
+/// Notes of the Warning Events recorded for a Service, one per line.
+fn warning_notes(rig: &Rig, ns: &str, name: &str) -> String {
+    rig.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        ns,
+        "--field-selector",
+        &format!("regarding.name={name},type=Warning"),
+        "-o",
+        "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+    ])
+}
+
 /// Event reasons recorded for a Service.
 fn event_reasons(rig: &Rig, ns: &str, name: &str) -> Vec<String> {
     let out = rig.kubectl(&[
@@ -335,16 +349,7 @@ async fn class_filtering_type_change_and_invalid_annotations() {
 
     // The invalid one: Warning Event naming the annotation, condition False, no cloud change.
     let msg = eventually("a Warning event for bad", WAIT, || async {
-        let out = rig.kubectl(&[
-            "get",
-            "events.events.k8s.io",
-            "-n",
-            &ns.name,
-            "--field-selector",
-            "regarding.name=bad,type=Warning",
-            "-o",
-            "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
-        ]);
+        let out = warning_notes(rig, &ns.name, "bad");
         (!out.trim().is_empty()).then_some(out)
     })
     .await;
@@ -514,16 +519,7 @@ async fn external_traffic_policy_local_health_check_and_foreign_name_collision()
 
     // The clash: a Warning naming the foreign resource; the foreign NLB untouched.
     let msg = eventually("a Warning event for clash", WAIT, || async {
-        let out = rig.kubectl(&[
-            "get",
-            "events.events.k8s.io",
-            "-n",
-            &ns.name,
-            "--field-selector",
-            "regarding.name=clash,type=Warning",
-            "-o",
-            "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
-        ]);
+        let out = warning_notes(rig, &ns.name, "clash");
         (!out.trim().is_empty()).then_some(out)
     })
     .await;

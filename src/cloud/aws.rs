@@ -271,6 +271,24 @@ fn not_found(e: &CloudError, codes: &[&str]) -> bool {
     matches!(e, CloudError::Rejected { code, .. } if codes.contains(&code.as_str()))
 }
 
+/// The result of a delete-like call: `gone` codes mean it is already done; `busy` codes mean
+/// AWS has not let go of the resource yet, which is transient (retried, then requeued).
+fn settled<T>(
+    res: Result<T, CloudError>,
+    gone: &[&str],
+    busy: &[&str],
+    operation: &'static str,
+) -> Result<(), CloudError> {
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if not_found(&e, gone) => Ok(()),
+        Err(CloudError::Rejected { code, message, .. }) if busy.contains(&code.as_str()) => {
+            Err(CloudError::Transient { operation, message })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn aws_tags(t: &BTreeMap<String, String>) -> Vec<Tag> {
     t.iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
@@ -1137,11 +1155,7 @@ impl AwsCloud {
                         self.elb.delete_listener().listener_arn(arn).send()
                     })
                     .await;
-                match res {
-                    Ok(_) => {}
-                    Err(e) if not_found(&e, &["ListenerNotFound"]) => {}
-                    Err(e) => return Err(e),
-                }
+                settled(res, &["ListenerNotFound"], &[], "DeleteListener")?;
             }
             Change::DeleteLoadBalancer { arn, .. } => {
                 let res = self
@@ -1152,11 +1166,7 @@ impl AwsCloud {
                             .send()
                     })
                     .await;
-                match res {
-                    Ok(_) => {}
-                    Err(e) if not_found(&e, &["LoadBalancerNotFound"]) => {}
-                    Err(e) => return Err(e),
-                }
+                settled(res, &["LoadBalancerNotFound"], &[], "DeleteLoadBalancer")?;
                 if st.load_balancer_arn.as_deref() == Some(arn) {
                     st.load_balancer_arn = None;
                     st.dns_name = None;
@@ -1240,19 +1250,12 @@ impl AwsCloud {
                         self.ec2.delete_security_group().group_id(id).send()
                     })
                     .await;
-                match res {
-                    Ok(_) => {}
-                    Err(e) if not_found(&e, &["InvalidGroup.NotFound"]) => {}
-                    Err(CloudError::Rejected { code, message, .. })
-                        if code == "DependencyViolation" =>
-                    {
-                        return Err(CloudError::Transient {
-                            operation: "DeleteSecurityGroup",
-                            message,
-                        });
-                    }
-                    Err(e) => return Err(e),
-                }
+                settled(
+                    res,
+                    &["InvalidGroup.NotFound"],
+                    &["DependencyViolation"],
+                    "DeleteSecurityGroup",
+                )?;
                 if st.security_group_id.as_deref() == Some(id) {
                     st.security_group_id = None;
                 }
@@ -1265,17 +1268,12 @@ impl AwsCloud {
                         self.elb.delete_target_group().target_group_arn(arn).send()
                     })
                     .await;
-                match res {
-                    Ok(_) => {}
-                    Err(e) if not_found(&e, &["TargetGroupNotFound"]) => {}
-                    Err(CloudError::Rejected { code, message, .. }) if code == "ResourceInUse" => {
-                        return Err(CloudError::Transient {
-                            operation: "DeleteTargetGroup",
-                            message,
-                        });
-                    }
-                    Err(e) => return Err(e),
-                }
+                settled(
+                    res,
+                    &["TargetGroupNotFound"],
+                    &["ResourceInUse"],
+                    "DeleteTargetGroup",
+                )?;
             }
         }
         Ok(())
