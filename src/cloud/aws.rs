@@ -28,11 +28,10 @@ use super::plan::{
     ObservedStack, ObservedTargetGroup, SecurityGroupRef, TargetGroupRef,
 };
 use super::ratelimit::TokenBucket;
-use crate::annotations::{HealthCheckProtocol, Scheme};
 use crate::metrics::{AwsCallLabels, ControllerMetrics};
 use crate::model::{
-    DesiredLoadBalancer, HealthCheckSpec, IngressRule, ListenerSpec, Protocol, Target,
-    TargetGroupSpec, tags,
+    DesiredLoadBalancer, HealthCheckProtocol, HealthCheckSpec, IngressRule, IpAddressType,
+    ListenerSpec, Protocol, Scheme, Target, TargetGroupSpec, tags,
 };
 
 /// Client-side limits, per call family.
@@ -494,10 +493,7 @@ impl AwsCloud {
             }
             stack.target_groups.push(ObservedTargetGroup {
                 health_check: observed_health_check(&tg),
-                protocol: tg
-                    .protocol()
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_default(),
+                protocol: tg.protocol().and_then(|p| Protocol::from_aws(p.as_str())),
                 port: tg.port().unwrap_or_default(),
                 attributes: self.target_group_attributes(&arn).await?,
                 targets: self.targets_of(&arn).await?,
@@ -632,14 +628,11 @@ impl AwsCloud {
         let observed = ObservedLoadBalancer {
             name: lb.load_balancer_name().unwrap_or_default().to_string(),
             dns_name: lb.dns_name().unwrap_or_default().to_string(),
-            scheme: lb
-                .scheme()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default(),
-            ip_address_type: lb
-                .ip_address_type()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_else(|| "ipv4".into()),
+            scheme: lb.scheme().and_then(|s| Scheme::from_aws(s.as_str())),
+            ip_address_type: match lb.ip_address_type() {
+                Some(t) => IpAddressType::from_aws(t.as_str()),
+                None => Some(IpAddressType::Ipv4),
+            },
             attributes: attrs
                 .attributes()
                 .iter()
@@ -658,10 +651,7 @@ impl AwsCloud {
                 .map(|l| ObservedListener {
                     arn: l.listener_arn().unwrap_or_default().to_string(),
                     port: l.port().unwrap_or_default(),
-                    protocol: l
-                        .protocol()
-                        .map(|p| p.as_str().to_string())
-                        .unwrap_or_default(),
+                    protocol: l.protocol().and_then(|p| Protocol::from_aws(p.as_str())),
                     target_group_arn: l
                         .default_actions()
                         .iter()
@@ -1573,12 +1563,12 @@ fn certificates(l: &ListenerSpec) -> Option<Vec<Certificate>> {
 /// The observed health check in the model's terms; fields AWS reports but that do not apply to
 /// the protocol (a path on a TCP check) are dropped so they never look like drift.
 fn observed_health_check(tg: &elbv2::types::TargetGroup) -> HealthCheckSpec {
-    let protocol = match tg.health_check_protocol().map(|p| p.as_str()) {
-        Some("HTTP") => HealthCheckProtocol::Http,
-        Some("HTTPS") => HealthCheckProtocol::Https,
-        _ => HealthCheckProtocol::Tcp,
-    };
-    let http = protocol != HealthCheckProtocol::Tcp;
+    let protocol = HealthCheckProtocol::from_aws(
+        tg.health_check_protocol()
+            .map(|p| p.as_str())
+            .unwrap_or_default(),
+    );
+    let http = protocol.is_http();
     HealthCheckSpec {
         protocol,
         port: tg.health_check_port().unwrap_or("traffic-port").to_string(),

@@ -15,11 +15,11 @@ use kube::{Resource, ResourceExt};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{ClusterArgs, Context, status};
-use crate::annotations::{self, LoadBalancerOptions, TargetType};
+use crate::annotations::{self, LoadBalancerOptions};
 use crate::cloud::CloudError;
 use crate::cloud::aws::{ApplyState, StackQuery};
 use crate::cloud::plan::{self, Change, ObservedStack};
-use crate::model::{self, DesiredLoadBalancer, ModelError};
+use crate::model::{self, DesiredLoadBalancer, ModelError, TargetType};
 
 /// Why a reconcile failed; all are retried with backoff, and reported as Events.
 #[derive(Debug, thiserror::Error)]
