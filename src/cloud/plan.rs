@@ -551,8 +551,7 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
             Some(o) => {
                 let same_tg =
                     o.target_group_arn.is_some() && o.target_group_arn == arn_of(&l.target_group);
-                if !same_tg || o.protocol != Some(l.protocol) || o.certificates != l.certificates
-                {
+                if !same_tg || o.protocol != Some(l.protocol) || o.certificates != l.certificates {
                     middle.push(Change::ModifyListener {
                         arn: o.arn.clone(),
                         listener: l.clone(),

@@ -256,10 +256,18 @@ fn managed_security_group(
 }
 
 /// Tags every resource of the Service carries: the user's plus cluster, Service and UID.
-fn base_tags(opts: &LoadBalancerOptions, cluster: &ClusterContext, id: &Identity, uid: &str) -> Tags {
+fn base_tags(
+    opts: &LoadBalancerOptions,
+    cluster: &ClusterContext,
+    id: &Identity,
+    uid: &str,
+) -> Tags {
     let mut t = opts.additional_tags.clone();
     t.insert(tags::CLUSTER.into(), cluster.cluster_name.clone());
-    t.insert(tags::SERVICE.into(), format!("{}/{}", id.namespace, id.name));
+    t.insert(
+        tags::SERVICE.into(),
+        format!("{}/{}", id.namespace, id.name),
+    );
     t.insert(tags::SERVICE_UID.into(), uid.into());
     t
 }
@@ -305,8 +313,8 @@ pub fn desired_load_balancer(
         let protocol = g.protocol()?;
         // The same check for every group; its error comes after the group's own.
         let hc = health_check.as_ref().map_err(Clone::clone)?;
-        let tls = protocol == Protocol::Tcp
-            && tls_ports.as_ref().is_none_or(|ps| ps.contains(&g.number));
+        let tls =
+            protocol == Protocol::Tcp && tls_ports.as_ref().is_none_or(|ps| ps.contains(&g.number));
         let inputs = TargetGroupInputs {
             id: &id,
             cluster,

@@ -20,8 +20,8 @@ pub use build::desired_load_balancer;
 pub use health::{HealthCheckOverrides, HealthCheckSpec};
 pub use names::load_balancer_name;
 pub use nodes::{
-    SERVICE_NAME_LABEL, eligible_nodes, endpoint_targets, instance_id_from_provider_id,
-    node_ready, slices_of_service,
+    SERVICE_NAME_LABEL, eligible_nodes, endpoint_targets, instance_id_from_provider_id, node_ready,
+    slices_of_service,
 };
 pub use vocabulary::{
     Attributes, HealthCheckPort, HealthCheckProtocol, IpAddressType, PortRef, Protocol, Scheme,
@@ -42,14 +42,12 @@ pub mod tags {
     pub const RESOURCE: &str = "cloudlb.io/resource";
 }
 
-
 /// One registered target: an instance id or an IP, at a port.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Target {
     pub id: String,
     pub port: i32,
 }
-
 
 /// One target group of the desired stack.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,13 +151,12 @@ pub struct ClusterContext {
     pub node_proxy_health_port: Option<u16>,
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::annotations;
     use k8s_openapi::api::core::v1::{Node, Service};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
-    use crate::annotations;
     use serde_json::json;
 
     fn svc(spec: serde_json::Value) -> Service {

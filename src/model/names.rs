@@ -29,7 +29,6 @@ pub(super) fn aws_name(namespace: &str, name: &str, hash: &str) -> String {
     format!("k8s-{}-{}-{}", part(namespace), part(name), hash)
 }
 
-
 /// The load balancer name a Service gets when the name annotation does not set one.
 pub fn load_balancer_name(cluster: &str, namespace: &str, name: &str) -> String {
     aws_name(
@@ -38,4 +37,3 @@ pub fn load_balancer_name(cluster: &str, namespace: &str, name: &str) -> String 
         &short_hash(&[cluster, namespace, name], 10),
     )
 }
-

@@ -1,6 +1,7 @@
 //! Which nodes and pod endpoints become targets: eligibility rules for nodes, ready
 //! addresses from EndpointSlices. Pure functions of the watched objects.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Node;
@@ -11,14 +12,15 @@ use super::{NodeTarget, Target};
 
 /// Nodes that should receive traffic: Ready (unless `include_not_ready`), not excluded by label,
 /// not being removed by an autoscaler, matching `selector`, and with an EC2 instance id.
-pub fn eligible_nodes(
-    nodes: &[Node],
+pub fn eligible_nodes<N: Borrow<Node>>(
+    nodes: &[N],
     selector: &BTreeMap<String, String>,
     include_not_ready: bool,
 ) -> Vec<NodeTarget> {
     let mut out: Vec<NodeTarget> = nodes
         .iter()
-        .filter(|n| n.metadata.deletion_timestamp.is_none())
+        .map(Borrow::borrow)
+        .filter(|n: &&Node| n.metadata.deletion_timestamp.is_none())
         .filter(|n| {
             let labels = n.metadata.labels.as_ref();
             let has = |k: &str| labels.is_some_and(|l| l.contains_key(k));
@@ -91,7 +93,6 @@ pub fn endpoint_targets(slices: &[EndpointSlice], port_name: &str) -> BTreeSet<T
     }
     out
 }
-
 
 /// The label an EndpointSlice carries naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -212,7 +212,12 @@ mod tests {
         for i in [IpAddressType::Ipv4, IpAddressType::Dualstack] {
             assert_eq!(IpAddressType::from_aws(i.as_aws()), Some(i));
         }
-        for p in [Protocol::Tcp, Protocol::Udp, Protocol::TcpUdp, Protocol::Tls] {
+        for p in [
+            Protocol::Tcp,
+            Protocol::Udp,
+            Protocol::TcpUdp,
+            Protocol::Tls,
+        ] {
             assert_eq!(Protocol::from_aws(p.as_aws()), Some(p));
         }
         for h in [
@@ -223,6 +228,9 @@ mod tests {
             assert_eq!(HealthCheckProtocol::from_aws(h.as_aws()), h);
         }
         assert_eq!(TargetType::from_aws("lambda"), None);
-        assert_eq!(IpAddressType::from_aws("dualstack-without-public-ipv4"), None);
+        assert_eq!(
+            IpAddressType::from_aws("dualstack-without-public-ipv4"),
+            None
+        );
     }
 }
