@@ -427,10 +427,14 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
         }
     };
     let granted: BTreeSet<String> = statements.iter().flat_map(actions_of).collect();
-    // Exactly the operations src/cloud/aws.rs calls (every call goes through `call("Op", …)`),
-    // plus tagging on create (ELBv2 AddTags, EC2 CreateTags), which AWS authorizes separately.
-    let code = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cloud/aws.rs"))
-        .expect("aws.rs");
+    // Exactly the operations src/cloud/aws/ calls (every call goes through
+    // `call(ops::OP, …)`, and `ops` in client.rs names each one), plus tagging on create (ELBv2
+    // AddTags, EC2 CreateTags), which AWS authorizes separately.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/cloud/aws");
+    let code: String = std::fs::read_dir(dir)
+        .expect("src/cloud/aws")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("read"))
+        .collect();
     let ec2_ops = [
         "DescribeSubnets",
         "DescribeSecurityGroups",
@@ -439,20 +443,31 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
         "RevokeSecurityGroupIngress",
         "DeleteSecurityGroup",
     ];
+    // `pub const DESCRIBE_TAGS: Op = Op::general("DescribeTags");` → DESCRIBE_TAGS → DescribeTags
+    let op_names: std::collections::BTreeMap<String, String> = code
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("pub const ")?;
+            let (name, rest) = rest.split_once(": Op = Op::")?;
+            let op = rest.split('"').nth(1)?;
+            Some((name.to_string(), op.to_string()))
+        })
+        .collect();
     let called: BTreeSet<String> = code
         .split(".call(")
         .skip(1)
         .filter_map(|rest| {
-            rest.trim_start()
-                .strip_prefix('"')?
-                .split('"')
-                .next()
-                .map(str::to_string)
+            let name = rest.trim_start().strip_prefix("ops::")?;
+            let name: String = name
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            op_names.get(&name).cloned()
         })
         .collect();
     assert!(
         called.len() > 15,
-        "found too few AWS operations in aws.rs: {called:?}"
+        "found too few AWS operations in src/cloud/aws: {called:?}"
     );
     let want: BTreeSet<String> = called
         .iter()
