@@ -146,16 +146,7 @@ fn desire(b: &TargetGroupBinding, ctx: &Context) -> Result<BTreeSet<Target>, Bin
         TargetType::Ip => Vec::new(),
     };
     let slices: Vec<EndpointSlice> = match b.spec.target_type {
-        TargetType::Ip => ctx
-            .slices
-            .state()
-            .iter()
-            .filter(|s| {
-                s.namespace().as_deref() == Some(ns.as_str())
-                    && s.labels().get("kubernetes.io/service-name") == Some(name)
-            })
-            .map(|s| (**s).clone())
-            .collect(),
+        TargetType::Ip => crate::model::slices_of_service(&ctx.slices.state(), &ns, name),
         TargetType::Instance => Vec::new(),
     };
     let policy = NodePolicy {

@@ -38,6 +38,7 @@ use crate::cloud::Cloud;
 use crate::cloud::aws::{AwsCloud, Ownership, RateLimits};
 use crate::crd::{TargetGroupBinding, TargetType};
 use crate::metrics::{self, ControllerMetrics};
+use crate::model::SERVICE_NAME_LABEL;
 
 /// Settings shared by `controller` and `plan`: which cluster and which Services are ours.
 #[derive(Clone, Debug, clap::Args)]
@@ -538,7 +539,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .watches_stream(slice_stream, move |slice: EndpointSlice| {
             // Endpoint changes matter only to ip-target Services.
             let ns = slice.namespace().unwrap_or_default();
-            let name = slice.labels().get("kubernetes.io/service-name").cloned();
+            let name = slice.labels().get(SERVICE_NAME_LABEL).cloned();
             name.and_then(|n| svc_store_for_slices.get(&ObjectRef::new(&n).within(&ns)))
                 .filter(|s| service::is_ours(s, &cluster_for_slices) && service::uses_ip_targets(s))
                 .map(|s| ObjectRef::from_obj(&*s))
@@ -606,7 +607,7 @@ fn binding_controller(
         })
         .watches_stream(triggers.slices.map(Ok), move |slice: EndpointSlice| {
             let ns = slice.namespace().unwrap_or_default();
-            match slice.labels().get("kubernetes.io/service-name") {
+            match slice.labels().get(SERVICE_NAME_LABEL) {
                 Some(name) => refs(&for_slices, |b| {
                     b.spec.target_type == TargetType::Ip && binding::refers_to(b, &ns, name)
                 }),
