@@ -201,7 +201,7 @@ fn default_values_render_a_locked_down_two_replica_controller_and_no_node_proxy(
     assert_eq!(pod["serviceAccountName"], "rel-cloudlb-controller");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let c = &pod["containers"][0];
-    assert_eq!(c["image"], "ghcr.io/cloudlb/cloudlb:0.1.0");
+    assert_eq!(c["image"], "cloudlb:0.1.0");
     assert_eq!(
         strings(&c["args"]),
         [
@@ -261,7 +261,7 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
     let deploy = one(&docs, "Deployment", "rel-cloudlb-controller");
     assert_eq!(deploy["spec"]["replicas"], 3);
     let c = &deploy["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(c["image"], "ghcr.io/cloudlb/cloudlb:dev");
+    assert_eq!(c["image"], "cloudlb:dev");
     let args = strings(&c["args"]);
     for want in [
         "--cluster-name=staging",
