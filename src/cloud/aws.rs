@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2 as ec2;
@@ -22,17 +21,20 @@ use elbv2::types::{
 };
 use tokio::sync::Mutex;
 
-use super::CloudError;
+use futures::future::BoxFuture;
+
 use super::plan::{
     Change, LoadBalancerRef, ObservedListener, ObservedLoadBalancer, ObservedSecurityGroup,
     ObservedStack, ObservedTargetGroup, SecurityGroupRef, TargetGroupRef,
 };
 use super::ratelimit::TokenBucket;
-use crate::annotations::{HealthCheckProtocol, Scheme};
+use super::{
+    BoundTargetGroup, Cloud, CloudError, Deployed, Plan, ResourceKind, StackQuery, TaggedResource,
+};
 use crate::metrics::{AwsCallLabels, ControllerMetrics};
 use crate::model::{
-    DesiredLoadBalancer, HealthCheckSpec, IngressRule, ListenerSpec, Protocol, Target,
-    TargetGroupSpec, tags,
+    DesiredLoadBalancer, HealthCheckProtocol, HealthCheckSpec, IngressRule, IpAddressType,
+    ListenerSpec, Protocol, Scheme, Target, TargetGroupSpec, tags,
 };
 
 /// Client-side limits, per call family.
@@ -42,6 +44,28 @@ pub struct RateLimits {
     pub burst: u32,
     pub targets_qps: f64,
     pub targets_burst: u32,
+}
+
+impl Default for RateLimits {
+    /// The controller's flag defaults.
+    fn default() -> Self {
+        RateLimits {
+            qps: 10.0,
+            burst: 40,
+            targets_qps: 4.0,
+            targets_burst: 20,
+        }
+    }
+}
+
+/// Loads the AWS configuration from the standard chain (env, profile, web identity, IMDS);
+/// `AWS_ENDPOINT_URL` points it at LocalStack.
+pub async fn aws_config(region: Option<&str>) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r.to_string()));
+    }
+    loader.load().await
 }
 
 /// Who we are in the account: resources are ours only with this cluster's tag.
@@ -56,20 +80,6 @@ impl Ownership {
         t.get(tags::CLUSTER) == Some(&self.cluster)
             && t.get(tags::SERVICE).map(String::as_str) == Some(service)
     }
-}
-
-/// What to look for when observing one Service's stack.
-#[derive(Clone, Debug, Default)]
-pub struct StackQuery {
-    /// `namespace/name`.
-    pub service: String,
-    /// Load balancer names to try: the desired one and the one behind the status hostname.
-    pub load_balancer_names: Vec<String>,
-    /// Desired target group names (found even when no listener points at them yet).
-    pub target_group_names: Vec<String>,
-    /// Teardown: a same-named resource that is not ours is simply not part of the stack
-    /// (instead of an error that would block the Service's deletion).
-    pub skip_foreign: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -90,62 +100,18 @@ pub struct AwsCloud {
     networks: Mutex<BTreeMap<String, Network>>,
 }
 
-/// A target group bound by a TargetGroupBinding, as read from AWS.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BoundTargetGroup {
-    pub name: String,
-    /// `instance`, `ip`, `lambda` or `alb`, as ELBv2 spells it.
-    pub target_type: String,
-    pub tags: BTreeMap<String, String>,
-}
-
-/// A load balancer or target group found by [`AwsCloud::inventory`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TaggedResource {
-    pub arn: String,
-    pub name: String,
-    pub tags: BTreeMap<String, String>,
-    /// For a target group: the load balancers whose listeners use it.
-    pub load_balancer_arns: Vec<String>,
-}
-
-impl TaggedResource {
-    pub fn is_target_group(&self) -> bool {
-        self.arn.contains(":targetgroup/")
-    }
-
-    /// Managed security groups are listed by their id (`sg-…`) in place of an ARN.
-    pub fn is_security_group(&self) -> bool {
-        self.arn.starts_with("sg-")
-    }
-
-    pub fn is_load_balancer(&self) -> bool {
-        !self.is_target_group() && !self.is_security_group()
-    }
-
-    /// Deletion order: load balancers, then target groups, then security groups.
-    pub fn deletion_rank(&self) -> u8 {
-        if self.is_security_group() {
-            2
-        } else if self.is_target_group() {
-            1
-        } else {
-            0
-        }
-    }
-}
-
 /// Arns learned while applying a plan (existing ones from observation, new ones on create).
+/// Private to the AWS edge: the controller sees plans and their outcome, never ARNs.
 #[derive(Clone, Debug, Default)]
-pub struct ApplyState {
-    pub load_balancer_arn: Option<String>,
-    pub dns_name: Option<String>,
-    pub target_group_arns: BTreeMap<String, String>,
-    pub security_group_id: Option<String>,
+struct ApplyState {
+    load_balancer_arn: Option<String>,
+    dns_name: Option<String>,
+    target_group_arns: BTreeMap<String, String>,
+    security_group_id: Option<String>,
 }
 
 impl ApplyState {
-    pub fn from_observed(o: &ObservedStack) -> ApplyState {
+    fn from_observed(o: &ObservedStack) -> ApplyState {
         ApplyState {
             load_balancer_arn: o.load_balancer.as_ref().map(|l| l.arn.clone()),
             dns_name: o.load_balancer.as_ref().map(|l| l.dns_name.clone()),
@@ -324,6 +290,16 @@ impl AwsCloud {
         }
     }
 
+    /// An AwsCloud on the standard AWS configuration chain (see [`aws_config`]).
+    pub async fn from_env(
+        region: Option<&str>,
+        owner: Ownership,
+        metrics: ControllerMetrics,
+        limits: RateLimits,
+    ) -> AwsCloud {
+        AwsCloud::new(&aws_config(region).await, owner, metrics, limits)
+    }
+
     pub fn owner(&self) -> &Ownership {
         &self.owner
     }
@@ -494,10 +470,7 @@ impl AwsCloud {
             }
             stack.target_groups.push(ObservedTargetGroup {
                 health_check: observed_health_check(&tg),
-                protocol: tg
-                    .protocol()
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_default(),
+                protocol: tg.protocol().and_then(|p| Protocol::from_aws(p.as_str())),
                 port: tg.port().unwrap_or_default(),
                 attributes: self.target_group_attributes(&arn).await?,
                 targets: self.targets_of(&arn).await?,
@@ -632,14 +605,11 @@ impl AwsCloud {
         let observed = ObservedLoadBalancer {
             name: lb.load_balancer_name().unwrap_or_default().to_string(),
             dns_name: lb.dns_name().unwrap_or_default().to_string(),
-            scheme: lb
-                .scheme()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default(),
-            ip_address_type: lb
-                .ip_address_type()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_else(|| "ipv4".into()),
+            scheme: lb.scheme().and_then(|s| Scheme::from_aws(s.as_str())),
+            ip_address_type: match lb.ip_address_type() {
+                Some(t) => IpAddressType::from_aws(t.as_str()),
+                None => Some(IpAddressType::Ipv4),
+            },
             attributes: attrs
                 .attributes()
                 .iter()
@@ -658,10 +628,7 @@ impl AwsCloud {
                 .map(|l| ObservedListener {
                     arn: l.listener_arn().unwrap_or_default().to_string(),
                     port: l.port().unwrap_or_default(),
-                    protocol: l
-                        .protocol()
-                        .map(|p| p.as_str().to_string())
-                        .unwrap_or_default(),
+                    protocol: l.protocol().and_then(|p| Protocol::from_aws(p.as_str())),
                     target_group_arn: l
                         .default_actions()
                         .iter()
@@ -986,8 +953,20 @@ impl AwsCloud {
 
     // ---------------------------------------------------------------- apply
 
+    /// Applies a plan's changes in order, stopping at the first failure.
+    pub async fn deploy(&self, plan: &Plan) -> Result<Deployed, CloudError> {
+        let mut st = ApplyState::from_observed(&plan.observed);
+        for c in &plan.changes {
+            tracing::info!(change = %c, "applying");
+            self.apply(c, plan.desired.as_ref(), &mut st).await?;
+        }
+        Ok(Deployed {
+            dns_name: st.dns_name,
+        })
+    }
+
     /// Applies one change; `desired` supplies the placement of new resources.
-    pub async fn apply(
+    async fn apply(
         &self,
         change: &Change,
         desired: Option<&DesiredLoadBalancer>,
@@ -1499,23 +1478,13 @@ impl AwsCloud {
         Ok(out)
     }
 
-    /// Deletes one resource found by [`inventory`](Self::inventory) (load balancer or target group).
-    pub async fn delete_by_arn(&self, arn: &str, name: &str) -> Result<(), CloudError> {
-        let change = if arn.starts_with("sg-") {
-            Change::DeleteSecurityGroup {
-                id: arn.into(),
-                name: name.into(),
-            }
-        } else if arn.contains(":targetgroup/") {
-            Change::DeleteTargetGroup {
-                arn: arn.into(),
-                name: name.into(),
-            }
-        } else {
-            Change::DeleteLoadBalancer {
-                arn: arn.into(),
-                name: name.into(),
-            }
+    /// Deletes one resource found by [`inventory`](Self::inventory).
+    pub async fn delete_resource(&self, r: &TaggedResource) -> Result<(), CloudError> {
+        let (arn, name) = (r.arn.clone(), r.name.clone());
+        let change = match r.kind() {
+            ResourceKind::SecurityGroup => Change::DeleteSecurityGroup { id: arn, name },
+            ResourceKind::TargetGroup => Change::DeleteTargetGroup { arn, name },
+            ResourceKind::LoadBalancer => Change::DeleteLoadBalancer { arn, name },
         };
         self.apply(&change, None, &mut ApplyState::default()).await
     }
@@ -1573,12 +1542,12 @@ fn certificates(l: &ListenerSpec) -> Option<Vec<Certificate>> {
 /// The observed health check in the model's terms; fields AWS reports but that do not apply to
 /// the protocol (a path on a TCP check) are dropped so they never look like drift.
 fn observed_health_check(tg: &elbv2::types::TargetGroup) -> HealthCheckSpec {
-    let protocol = match tg.health_check_protocol().map(|p| p.as_str()) {
-        Some("HTTP") => HealthCheckProtocol::Http,
-        Some("HTTPS") => HealthCheckProtocol::Https,
-        _ => HealthCheckProtocol::Tcp,
-    };
-    let http = protocol != HealthCheckProtocol::Tcp;
+    let protocol = HealthCheckProtocol::from_aws(
+        tg.health_check_protocol()
+            .map(|p| p.as_str())
+            .unwrap_or_default(),
+    );
+    let http = protocol.is_http();
     HealthCheckSpec {
         protocol,
         port: tg.health_check_port().unwrap_or("traffic-port").to_string(),
@@ -1599,5 +1568,56 @@ fn observed_health_check(tg: &elbv2::types::TargetGroup) -> HealthCheckSpec {
     }
 }
 
-/// Shared handle used by the controller.
-pub type SharedCloud = Arc<AwsCloud>;
+impl Cloud for AwsCloud {
+    fn observe<'a>(
+        &'a self,
+        q: &'a StackQuery,
+    ) -> BoxFuture<'a, Result<ObservedStack, CloudError>> {
+        Box::pin(AwsCloud::observe(self, q))
+    }
+
+    fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<Deployed, CloudError>> {
+        Box::pin(AwsCloud::deploy(self, plan))
+    }
+
+    fn target_group<'a>(
+        &'a self,
+        arn: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BoundTargetGroup>, CloudError>> {
+        Box::pin(self.describe_target_group(arn))
+    }
+
+    fn active_targets<'a>(
+        &'a self,
+        arn: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BTreeSet<Target>>, CloudError>> {
+        Box::pin(AwsCloud::active_targets(self, arn))
+    }
+
+    fn register_targets<'a>(
+        &'a self,
+        arn: &'a str,
+        targets: &'a [Target],
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(AwsCloud::register_targets(self, arn, targets))
+    }
+
+    fn deregister_targets<'a>(
+        &'a self,
+        arn: &'a str,
+        targets: &'a [Target],
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(AwsCloud::deregister_targets(self, arn, targets))
+    }
+
+    fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>> {
+        Box::pin(AwsCloud::inventory(self))
+    }
+
+    fn delete_resource<'a>(
+        &'a self,
+        resource: &'a TaggedResource,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(AwsCloud::delete_resource(self, resource))
+    }
+}
