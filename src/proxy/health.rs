@@ -1,6 +1,7 @@
 //! Health endpoints: kube-proxy's health-check nodePort contract for externalTrafficPolicy Local
-//! Services (so an NLB's HTTP health check finds the nodes with local endpoints), and the
-//! proxy's admin server with `/metrics`, `/healthz` and `/readyz`.
+//! Services (so an NLB's HTTP health check finds the nodes with local endpoints), the proxy's
+//! own `/healthz` and `/readyz` (`--health-addr`), and `/metrics` (`--metrics-addr`, with the
+//! probes too). All of them run on the hardened server of `http`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +15,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
+use super::http::{self, HttpLimits};
 use super::metrics::Metrics;
 use super::table::HealthCheck;
 
@@ -109,6 +110,7 @@ pub async fn serve_health_check(
     listener: TcpListener,
     check: watch::Receiver<HealthCheck>,
     proxy: Arc<ProxyHealth>,
+    limits: Arc<HttpLimits>,
     stop: CancellationToken,
 ) {
     let app = Router::new()
@@ -117,12 +119,7 @@ pub async fn serve_health_check(
             health_check_response(&hc, s.proxy.healthy())
         })
         .with_state(HealthCheckState { check, proxy });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        warn!(error = %e, "health check server failed");
-    }
+    http::serve(listener, app, limits, stop).await;
 }
 
 #[derive(Clone)]
@@ -131,25 +128,34 @@ struct AdminState {
     proxy: Arc<ProxyHealth>,
 }
 
-/// The admin server: `/metrics` (Prometheus text), `/healthz` (liveness: the process serves),
-/// `/readyz` (200 once the first table is applied, 503 again from the start of shutdown).
+/// What an admin listener answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminRoutes {
+    /// `/healthz` and `/readyz` only (`--health-addr`, reachable from the network).
+    Probes,
+    /// `/metrics` as well (`--metrics-addr`, loopback by default).
+    ProbesAndMetrics,
+}
+
+/// An admin listener: `/healthz` (liveness: the process serves), `/readyz` (200 once the first
+/// table is applied, 503 again from the start of shutdown) and, with
+/// [`AdminRoutes::ProbesAndMetrics`], `/metrics` (Prometheus text).
 pub async fn serve_admin(
     listener: TcpListener,
+    routes: AdminRoutes,
     metrics: Arc<Metrics>,
     proxy: Arc<ProxyHealth>,
+    limits: Arc<HttpLimits>,
     stop: CancellationToken,
 ) {
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz_handler))
-        .with_state(AdminState { metrics, proxy });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        warn!(error = %e, "admin server failed");
+        .route("/readyz", get(readyz_handler));
+    if routes == AdminRoutes::ProbesAndMetrics {
+        app = app.route("/metrics", get(metrics_handler));
     }
+    let app = app.with_state(AdminState { metrics, proxy });
+    http::serve(listener, app, limits, stop).await;
 }
 
 async fn metrics_handler(State(s): State<AdminState>) -> Response {
