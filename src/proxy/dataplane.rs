@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::frontend::{Caps, Lifecycle, PortState, Timeouts};
 use super::health::{self, ProxyHealth};
-use super::http::HttpLimits;
+use super::http::{self, HttpLimits, HttpThread};
 use super::metrics::Metrics;
 use super::table::{Frontend, FrontendKey, HealthCheck, Protocol, Table};
 use super::{tcp, udp};
@@ -36,7 +36,7 @@ pub struct Dataplane {
     proxy: Arc<ProxyHealth>,
     timeouts: Timeouts,
     caps: Arc<Caps>,
-    http: Arc<HttpLimits>,
+    http: (HttpThread, Arc<HttpLimits>),
     draining: CancellationToken,
     tracker: Tracker,
     frontends: BTreeMap<FrontendKey, RunningFrontend>,
@@ -52,7 +52,7 @@ impl Dataplane {
         proxy: Arc<ProxyHealth>,
         timeouts: Timeouts,
         caps: Arc<Caps>,
-        http: Arc<HttpLimits>,
+        http: (HttpThread, Arc<HttpLimits>),
         draining: CancellationToken,
         tracker: Tracker,
     ) -> Dataplane {
@@ -203,7 +203,7 @@ impl Dataplane {
 
     fn open_health_check(&mut self, port: u16, check: &HealthCheck) -> bool {
         let addr = SocketAddr::new(self.bind, port);
-        let listener = match tcp::bind(addr) {
+        let listener = match http::bind(addr) {
             Ok(l) => l,
             Err(e) => {
                 warn!(port, error = %e, "cannot bind health check port; will retry");
@@ -212,13 +212,13 @@ impl Dataplane {
         };
         let (tx, rx) = watch::channel(check.clone());
         let stop = CancellationToken::new();
-        tokio::spawn(health::serve_health_check(
+        let (thread, limits) = &self.http;
+        thread.serve(
             listener,
-            rx,
-            Arc::clone(&self.proxy),
-            Arc::clone(&self.http),
+            health::health_check_app(rx, Arc::clone(&self.proxy)),
+            Arc::clone(limits),
             stop.clone(),
-        ));
+        );
         info!(port, service = %format!("{}/{}", check.namespace, check.name),
               local_endpoints = check.local_endpoints, "health check listening");
         self.health_checks

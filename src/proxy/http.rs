@@ -4,7 +4,8 @@
 //! connection over in twice that, and at most `max_connections` open per server. A new one past
 //! it closes the oldest connection of its own client IP, or, when that IP has none, the server's
 //! oldest: a flood of slow clients churns its own connections and cannot lock a health check
-//! (the NLB's, from other addresses) out.
+//! (the NLB's, from other addresses) out. They run on a thread of their own ([`HttpThread`]), so
+//! a data plane busy with a flood never delays a health check's answer.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -16,9 +17,66 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
+
+/// Connections waiting to be accepted, per HTTP listener.
+const BACKLOG: i32 = 1024;
+
+/// A single-threaded runtime on its own OS thread that runs every HTTP server of the proxy
+/// (tokio does not preempt tasks, so sharing the data plane's threads would queue health checks
+/// behind forwarding work).
+#[derive(Clone, Debug)]
+pub struct HttpThread {
+    handle: Handle,
+}
+
+impl HttpThread {
+    /// Starts the thread; it lives as long as the process.
+    pub fn start() -> std::io::Result<HttpThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        std::thread::Builder::new()
+            .name("cloudlb-http".into())
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        Ok(HttpThread { handle })
+    }
+
+    /// Serves `app` on `listener` (from [`bind`]) on this thread until `stop`.
+    pub fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        app: Router,
+        limits: Arc<HttpLimits>,
+        stop: CancellationToken,
+    ) {
+        self.handle.spawn(async move {
+            // Registered with this thread's reactor, not the data plane's.
+            match TcpListener::from_std(listener) {
+                Ok(listener) => serve(listener, app, limits, stop).await,
+                Err(e) => warn!(error = %e, "cannot register an HTTP listener"),
+            }
+        });
+    }
+}
+
+/// A non-blocking listener on `addr` (SO_REUSEADDR, so a restarted proxy binds at once).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
 
 /// Limits of every HTTP server of the proxy, with the counters of what they cut.
 #[derive(Debug)]
@@ -38,7 +96,7 @@ pub struct HttpLimits {
 type Open = Arc<Mutex<BTreeMap<u64, (IpAddr, AbortHandle)>>>;
 
 /// Serves `app` on `listener` until `stop`; then closes every open connection.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Arc<HttpLimits>,

@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -39,7 +38,7 @@ pub use args::NodeProxyArgs;
 use dataplane::Dataplane;
 use frontend::{Caps, Timeouts};
 use health::{AdminRoutes, ProxyHealth};
-use http::HttpLimits;
+use http::{HttpLimits, HttpThread};
 use limits::{Budget, TcpLimits};
 use metrics::Metrics;
 use table::{Table, TableOptions};
@@ -88,18 +87,15 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
     if args.health_addr != args.metrics_addr {
         admin_addrs.push((args.health_addr, AdminRoutes::Probes, "--health-addr"));
     }
+    let http_thread = HttpThread::start().context("starting the HTTP thread")?;
     for (addr, routes, flag) in admin_addrs {
-        let admin = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {flag} {addr}"))?;
-        tokio::spawn(health::serve_admin(
+        let admin = http::bind(addr).with_context(|| format!("binding {flag} {addr}"))?;
+        http_thread.serve(
             admin,
-            routes,
-            Arc::clone(&metrics),
-            Arc::clone(&proxy),
+            health::admin_app(routes, Arc::clone(&metrics), Arc::clone(&proxy)),
             Arc::clone(&http_limits),
             CancellationToken::new(),
-        ));
+        );
     }
     let caps = Arc::new(Caps {
         tcp: TcpLimits::new(
@@ -159,7 +155,7 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
         Arc::clone(&proxy),
         timeouts,
         caps,
-        http_limits,
+        (http_thread, http_limits),
         draining.clone(),
         tracker.clone(),
     );
