@@ -585,6 +585,14 @@ impl Release {
             &ns.name,
             "--timeout",
             "60s",
+            // These tests run the binary as a host process with the chart's credentials; keep the
+            // chart's own pods off the rig's kubelet node (tests/pods.rs runs them for real).
+            "--set",
+            "image.pullPolicy=Never",
+            "--set-string",
+            r"controller.nodeSelector.cloudlb\.io/host-process-test=true",
+            "--set-string",
+            r"nodeProxy.nodeSelector.cloudlb\.io/host-process-test=true",
         ];
         for s in sets {
             args.extend(["--set", s]);
