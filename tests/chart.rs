@@ -201,7 +201,7 @@ fn default_values_render_a_locked_down_two_replica_controller_and_no_node_proxy(
     assert_eq!(pod["serviceAccountName"], "rel-cloudlb-controller");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let c = &pod["containers"][0];
-    assert_eq!(c["image"], "ghcr.io/cloudlb/cloudlb:0.1.0");
+    assert_eq!(c["image"], "cloudlb:0.1.0");
     assert_eq!(
         strings(&c["args"]),
         [
@@ -255,13 +255,14 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
         "controller.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::111122223333:role/cloudlb",
         "image.tag=dev",
         "nodeProxy.enabled=true",
-        "nodeProxy.metricsPort=10299",
+        "nodeProxy.healthPort=10299",
+        "nodeProxy.metricsPort=10298",
     ]);
     assert!(kinds(&docs).contains("DaemonSet"));
     let deploy = one(&docs, "Deployment", "rel-cloudlb-controller");
     assert_eq!(deploy["spec"]["replicas"], 3);
     let c = &deploy["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(c["image"], "ghcr.io/cloudlb/cloudlb:dev");
+    assert_eq!(c["image"], "cloudlb:dev");
     let args = strings(&c["args"]);
     for want in [
         "--cluster-name=staging",
@@ -294,10 +295,32 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
         [
             "node-proxy",
             "--node-name=$(NODE_NAME)",
-            "--metrics-addr=0.0.0.0:10299",
+            "--health-addr=0.0.0.0:10299",
+            "--metrics-addr=127.0.0.1:10298",
             "--bind-address=0.0.0.0",
+            "--service-proxy-name=cloudlb",
         ]
     );
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "health");
+    assert_eq!(c["ports"][0]["containerPort"], 10299);
+    let unlabelled = render(&[
+        "clusterName=x",
+        "loadBalancerClass=example.com/lb",
+        "defaultClass=true",
+        "nodeProxy.enabled=true",
+        "nodeProxy.serviceProxyName=edge",
+        "nodeProxy.serveUnlabelled=true",
+    ]);
+    let ds = one(&unlabelled, "DaemonSet", "rel-cloudlb-node-proxy");
+    let args = strings(&ds["spec"]["template"]["spec"]["containers"][0]["args"]);
+    for want in [
+        "--service-proxy-name=edge",
+        "--serve-unlabelled",
+        "--load-balancer-class=example.com/lb",
+        "--default-class",
+    ] {
+        assert!(args.contains(&want.to_string()), "{want} in {args:?}");
+    }
     assert_eq!(
         env_value(c, "NODE_NAME").map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]),
         Some(&json!("spec.nodeName"))
@@ -577,6 +600,14 @@ impl Release {
             &ns.name,
             "--timeout",
             "60s",
+            // These tests run the binary as a host process with the chart's credentials; keep the
+            // chart's own pods off the rig's kubelet node (tests/pods.rs runs them for real).
+            "--set",
+            "image.pullPolicy=Never",
+            "--set-string",
+            r"controller.nodeSelector.cloudlb\.io/host-process-test=true",
+            "--set-string",
+            r"nodeProxy.nodeSelector.cloudlb\.io/host-process-test=true",
         ];
         for s in sets {
             args.extend(["--set", s]);
