@@ -7,6 +7,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::model::{
+    Attributes, HealthCheckOverrides, HealthCheckPort, HealthCheckProtocol, IpAddressType, PortRef,
+    Scheme, TargetType,
+};
+
 const PREFIX: &str = "service.beta.kubernetes.io/aws-load-balancer-";
 
 /// Every annotation cloudlb reads, with a one-line meaning. The README's annotation table is
@@ -102,97 +107,6 @@ impl fmt::Display for AnnotationError {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Scheme {
-    #[default]
-    Internal,
-    InternetFacing,
-}
-
-impl Scheme {
-    pub fn as_aws(self) -> &'static str {
-        match self {
-            Scheme::Internal => "internal",
-            Scheme::InternetFacing => "internet-facing",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum TargetType {
-    #[default]
-    Instance,
-    Ip,
-}
-
-impl TargetType {
-    pub fn as_aws(self) -> &'static str {
-        match self {
-            TargetType::Instance => "instance",
-            TargetType::Ip => "ip",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum IpAddressType {
-    #[default]
-    Ipv4,
-    Dualstack,
-}
-
-impl IpAddressType {
-    pub fn as_aws(self) -> &'static str {
-        match self {
-            IpAddressType::Ipv4 => "ipv4",
-            IpAddressType::Dualstack => "dualstack",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum HealthCheckProtocol {
-    Tcp,
-    Http,
-    Https,
-}
-
-impl HealthCheckProtocol {
-    pub fn as_aws(self) -> &'static str {
-        match self {
-            HealthCheckProtocol::Tcp => "TCP",
-            HealthCheckProtocol::Http => "HTTP",
-            HealthCheckProtocol::Https => "HTTPS",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HealthCheckPort {
-    TrafficPort,
-    Port(u16),
-}
-
-/// Health-check settings the user asked for; unset fields take the model's defaults.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HealthCheckOverrides {
-    pub protocol: Option<HealthCheckProtocol>,
-    pub port: Option<HealthCheckPort>,
-    pub path: Option<String>,
-    pub interval_seconds: Option<i32>,
-    pub timeout_seconds: Option<i32>,
-    pub healthy_threshold: Option<i32>,
-    pub unhealthy_threshold: Option<i32>,
-    pub success_codes: Option<String>,
-}
-
-/// A Service port named by number or by name (for `ssl-ports`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PortRef {
-    Number(i32),
-    Name(String),
-}
-
 /// Everything the annotations say, validated.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoadBalancerOptions {
@@ -203,8 +117,8 @@ pub struct LoadBalancerOptions {
     pub ip_address_type: IpAddressType,
     pub health_check: HealthCheckOverrides,
     pub proxy_protocol: bool,
-    pub target_group_attributes: BTreeMap<String, String>,
-    pub load_balancer_attributes: BTreeMap<String, String>,
+    pub target_group_attributes: Attributes,
+    pub load_balancer_attributes: Attributes,
     pub additional_tags: BTreeMap<String, String>,
     pub target_node_labels: BTreeMap<String, String>,
     pub ssl_certificates: Vec<String>,

@@ -115,16 +115,8 @@ pub struct TargetGroupBindingSpec {
     pub node_selector: Option<NodeSelector>,
 }
 
-/// How targets are addressed in the target group.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum TargetType {
-    /// Node instance ids on the Service's NodePort (the node proxy forwards to pods).
-    #[default]
-    Instance,
-    /// Pod IPs on the target port, bypassing the node proxy.
-    Ip,
-}
+/// How targets are addressed in the target group: the model's type, shared with Services.
+pub use crate::model::TargetType;
 
 /// A Service port in the binding's namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::cloud::{ControllerProc, TestCloud, is_write};
-use support::{Rig, TestNamespace, TestNode, eventually};
+use support::{Rig, TestNamespace, TestNode, event_reasons, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 const FINALIZER: &str = "cloudlb.io/targetgroupbinding-cleanup";
@@ -78,22 +78,6 @@ async fn ready(
         .into_iter()
         .find(|c| c.type_ == "Ready")?;
     Some((c.status, c.reason, c.message))
-}
-
-fn event_reasons(rig: &Rig, ns: &str, name: &str) -> Vec<String> {
-    rig.kubectl(&[
-        "get",
-        "events.events.k8s.io",
-        "-n",
-        ns,
-        "--field-selector",
-        &format!("regarding.name={name},regarding.kind=TargetGroupBinding"),
-        "-o",
-        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
-    ])
-    .lines()
-    .map(str::to_string)
-    .collect()
 }
 
 async fn target_group_exists(cloud: &TestCloud, arn: &str) -> bool {
@@ -252,7 +236,7 @@ async fn instance_binding_follows_nodes_and_cleans_up_on_delete() {
         (b.status?.registered_targets == Some(1)).then_some(())
     })
     .await;
-    let reasons = event_reasons(rig, &ns.name, "web");
+    let reasons = event_reasons(rig, &ns.name, "web", Some("TargetGroupBinding"));
     for want in ["RegisteredTargets", "DeregisteredTargets"] {
         assert!(
             reasons.iter().any(|r| r == want),
@@ -464,7 +448,7 @@ async fn binding_reports_what_is_wrong_and_changes_nothing() {
             "{name}: {m}"
         );
         assert!(m.contains(message), "{name}: {m}");
-        let reasons = event_reasons(rig, &ns.name, name);
+        let reasons = event_reasons(rig, &ns.name, name, Some("TargetGroupBinding"));
         assert!(
             reasons.iter().any(|r| r == reason),
             "{name}: a Warning Event, got {reasons:?}"

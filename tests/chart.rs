@@ -255,7 +255,8 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
         "controller.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::111122223333:role/cloudlb",
         "image.tag=dev",
         "nodeProxy.enabled=true",
-        "nodeProxy.metricsPort=10299",
+        "nodeProxy.healthPort=10299",
+        "nodeProxy.metricsPort=10298",
     ]);
     assert!(kinds(&docs).contains("DaemonSet"));
     let deploy = one(&docs, "Deployment", "rel-cloudlb-controller");
@@ -294,10 +295,32 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
         [
             "node-proxy",
             "--node-name=$(NODE_NAME)",
-            "--metrics-addr=0.0.0.0:10299",
+            "--health-addr=0.0.0.0:10299",
+            "--metrics-addr=127.0.0.1:10298",
             "--bind-address=0.0.0.0",
+            "--service-proxy-name=cloudlb",
         ]
     );
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "health");
+    assert_eq!(c["ports"][0]["containerPort"], 10299);
+    let unlabelled = render(&[
+        "clusterName=x",
+        "loadBalancerClass=example.com/lb",
+        "defaultClass=true",
+        "nodeProxy.enabled=true",
+        "nodeProxy.serviceProxyName=edge",
+        "nodeProxy.serveUnlabelled=true",
+    ]);
+    let ds = one(&unlabelled, "DaemonSet", "rel-cloudlb-node-proxy");
+    let args = strings(&ds["spec"]["template"]["spec"]["containers"][0]["args"]);
+    for want in [
+        "--service-proxy-name=edge",
+        "--serve-unlabelled",
+        "--load-balancer-class=example.com/lb",
+        "--default-class",
+    ] {
+        assert!(args.contains(&want.to_string()), "{want} in {args:?}");
+    }
     assert_eq!(
         env_value(c, "NODE_NAME").map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]),
         Some(&json!("spec.nodeName"))
@@ -427,10 +450,14 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
         }
     };
     let granted: BTreeSet<String> = statements.iter().flat_map(actions_of).collect();
-    // Exactly the operations src/cloud/aws.rs calls (every call goes through `call("Op", …)`),
-    // plus tagging on create (ELBv2 AddTags, EC2 CreateTags), which AWS authorizes separately.
-    let code = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cloud/aws.rs"))
-        .expect("aws.rs");
+    // Exactly the operations src/cloud/aws/ calls (every call goes through
+    // `call(ops::OP, …)`, and `ops` in client.rs names each one), plus tagging on create (ELBv2
+    // AddTags, EC2 CreateTags), which AWS authorizes separately.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/cloud/aws");
+    let code: String = std::fs::read_dir(dir)
+        .expect("src/cloud/aws")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("read"))
+        .collect();
     let ec2_ops = [
         "DescribeSubnets",
         "DescribeSecurityGroups",
@@ -439,20 +466,31 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
         "RevokeSecurityGroupIngress",
         "DeleteSecurityGroup",
     ];
+    // `pub const DESCRIBE_TAGS: Op = Op::general("DescribeTags");` → DESCRIBE_TAGS → DescribeTags
+    let op_names: std::collections::BTreeMap<String, String> = code
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("pub const ")?;
+            let (name, rest) = rest.split_once(": Op = Op::")?;
+            let op = rest.split('"').nth(1)?;
+            Some((name.to_string(), op.to_string()))
+        })
+        .collect();
     let called: BTreeSet<String> = code
         .split(".call(")
         .skip(1)
         .filter_map(|rest| {
-            rest.trim_start()
-                .strip_prefix('"')?
-                .split('"')
-                .next()
-                .map(str::to_string)
+            let name = rest.trim_start().strip_prefix("ops::")?;
+            let name: String = name
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            op_names.get(&name).cloned()
         })
         .collect();
     assert!(
         called.len() > 15,
-        "found too few AWS operations in aws.rs: {called:?}"
+        "found too few AWS operations in src/cloud/aws: {called:?}"
     );
     let want: BTreeSet<String> = called
         .iter()
@@ -562,6 +600,14 @@ impl Release {
             &ns.name,
             "--timeout",
             "60s",
+            // These tests run the binary as a host process with the chart's credentials; keep the
+            // chart's own pods off the rig's kubelet node (tests/pods.rs runs them for real).
+            "--set",
+            "image.pullPolicy=Never",
+            "--set-string",
+            r"controller.nodeSelector.cloudlb\.io/host-process-test=true",
+            "--set-string",
+            r"nodeProxy.nodeSelector.cloudlb\.io/host-process-test=true",
         ];
         for s in sets {
             args.extend(["--set", s]);

@@ -5,11 +5,12 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use cloudlb::controller::service::name_from_hostname;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::cloud::{ControllerProc, TestCloud, is_write};
-use support::{Rig, TestNamespace, TestNode, eventually};
+use support::{Rig, TestNamespace, TestNode, event_reasons, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -71,21 +72,6 @@ fn warning_notes(rig: &Rig, ns: &str, name: &str) -> String {
     ])
 }
 
-/// Event reasons recorded for a Service.
-fn event_reasons(rig: &Rig, ns: &str, name: &str) -> Vec<String> {
-    let out = rig.kubectl(&[
-        "get",
-        "events.events.k8s.io",
-        "-n",
-        ns,
-        "--field-selector",
-        &format!("regarding.name={name}"),
-        "-o",
-        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
-    ]);
-    out.lines().map(str::to_string).collect()
-}
-
 #[tokio::test]
 async fn full_lifecycle_create_nodes_ports_delete() {
     let rig = Rig::get();
@@ -134,14 +120,7 @@ async fn full_lifecycle_create_nodes_ports_delete() {
         svc.metadata.finalizers.clone().unwrap_or_default(),
         vec![finalizer]
     );
-    let lb_name = host
-        .split('.')
-        .next()
-        .unwrap()
-        .rsplit_once('-')
-        .unwrap()
-        .0
-        .to_string();
+    let lb_name = name_from_hostname(&host).unwrap();
     let lb = cloud.load_balancer(&lb_name).await.expect("the NLB exists");
     assert_eq!(lb.dns_name(), Some(host.as_str()));
     assert_eq!(lb.scheme().map(|s| s.as_str()), Some("internal"));
@@ -271,7 +250,7 @@ async fn full_lifecycle_create_nodes_ports_delete() {
     .await;
 
     // Events like the service controller's.
-    let reasons = event_reasons(rig, &ns.name, "web");
+    let reasons = event_reasons(rig, &ns.name, "web", None);
     for want in [
         "EnsuringLoadBalancer",
         "EnsuredLoadBalancer",

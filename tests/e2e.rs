@@ -115,7 +115,7 @@ impl World {
             &n.name,
             "--bind-address",
             &n.ip,
-            "--metrics-addr",
+            "--health-addr",
             &format!("{}:{ADMIN}", n.ip),
             // 2 failed checks × 0.5 s (scaled) + the emulator's poll, with room to spare
             "--shutdown-health-delay",
@@ -215,8 +215,11 @@ impl World {
         let mut spec = spec;
         spec["type"] = "LoadBalancer".into();
         spec["loadBalancerClass"] = self.cloud.class.clone().into();
+        // Labelled for the node proxy (its default `--service-proxy-name cloudlb`).
         let svc: Service = serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": annotations}, "spec": spec
+            "metadata": {"name": name, "annotations": annotations,
+                         "labels": {"service.kubernetes.io/service-proxy-name": "cloudlb"}},
+            "spec": spec
         }))
         .unwrap();
         api.create(&PostParams::default(), &svc).await.unwrap()

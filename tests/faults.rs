@@ -12,6 +12,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use cloudlb::controller::service::name_from_hostname;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -203,11 +204,6 @@ fn hostname_of(svc: &Service) -> Option<String> {
         .clone()
 }
 
-/// `k8s-ns-name-0123456789-1.us-east-1.elb.amazonaws.com` → `k8s-ns-name-0123456789`.
-fn lb_name_from_host(host: &str) -> Option<String> {
-    Some(host.split('.').next()?.rsplit_once('-')?.0.to_string())
-}
-
 /// The Services of the test's class (not e.g. `default/kubernetes`).
 async fn ours(api: &Api<Service>, cloud: &TestCloud) -> Result<Vec<Service>, kube::Error> {
     Ok(api
@@ -259,7 +255,7 @@ async fn check_inventory(
                 && t.get("cloudlb.io/service-uid") == Some(&uid)
         };
         let host = hostname_of(svc).ok_or_else(|| format!("{key} has no hostname"))?;
-        let lb_name = lb_name_from_host(&host).ok_or_else(|| format!("odd hostname {host}"))?;
+        let lb_name = name_from_hostname(&host).ok_or_else(|| format!("odd hostname {host}"))?;
         let lb = cloud
             .load_balancer(&lb_name)
             .await

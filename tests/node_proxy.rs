@@ -23,8 +23,12 @@ use support::{NetNs, Proc, Rig, TestNamespace, TestNode, eventually};
 /// Port of the pod servers' TCP line echo (named `web` in the Pod) and UDP echo.
 const POD_TCP: u16 = 8080;
 const POD_UDP: u16 = 9090;
-/// The node proxy's admin port in the tests.
+/// The node proxy's `--health-addr` port (`/healthz`, `/readyz`) in the tests.
 const ADMIN: u16 = 10266;
+/// Its `--metrics-addr` port, moved off loopback so the client namespace can scrape it.
+const METRICS: u16 = 10267;
+/// The label that hands a Service to the node proxy (`--service-proxy-name`, default cloudlb).
+const PROXY_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// How long EndpointSlices and the proxy may take to follow a change.
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -110,11 +114,20 @@ impl World {
         }
     }
 
-    /// Creates a Service (namespace of the test) and returns it as stored (with node ports).
+    /// Creates a Service labelled for the node proxy (namespace of the test) and returns it as
+    /// stored (with node ports).
     async fn service(&self, name: &str, spec: Value) -> Service {
+        self.service_labelled(name, json!({PROXY_LABEL: "cloudlb"}), spec)
+            .await
+    }
+
+    /// Creates a Service with these labels and returns it as stored.
+    async fn service_labelled(&self, name: &str, labels: Value, spec: Value) -> Service {
         let svcs: Api<Service> = Api::namespaced(self.kube().await, &self.ns.name);
-        let svc: Service =
-            serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap();
+        let svc: Service = serde_json::from_value(
+            json!({"metadata": {"name": name, "labels": labels}, "spec": spec}),
+        )
+        .unwrap();
         svcs.create(&PostParams::default(), &svc).await.unwrap()
     }
 
@@ -211,8 +224,10 @@ impl NodeBox {
             &self.node.name,
             "--bind-address",
             &self.netns.ip,
-            "--metrics-addr",
+            "--health-addr",
             &format!("{}:{ADMIN}", self.netns.ip),
+            "--metrics-addr",
+            &format!("{}:{METRICS}", self.netns.ip),
         ])
         .args(extra)
         .env("KUBECONFIG", &world.rig.bridge_kubeconfig)
@@ -244,7 +259,7 @@ impl NodeBox {
 
     /// The proxy's /metrics text.
     async fn metrics(&self, world: &World) -> String {
-        let admin = self.addr(ADMIN);
+        let admin = self.addr(METRICS);
         world
             .as_client(move || http_get(admin, "/metrics"))
             .await
@@ -978,4 +993,104 @@ async fn graceful_shutdown_fails_health_first_then_stops_accepting_then_drains()
     ] {
         assert!(log.contains(step), "{step:?} missing in\n{log}");
     }
+}
+
+/// Connects once: true when nothing listens there (the proxy did not take the port).
+fn refused(addr: SocketAddr) -> bool {
+    matches!(TcpStream::connect_timeout(&addr, IO_TIMEOUT),
+             Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+#[tokio::test]
+async fn only_services_labelled_for_this_proxy_or_unlabelled_of_its_class_are_served() {
+    let w = World::new("np-sel").await;
+    let mut labelled_only = w.node("np-sel-a").await;
+    let mut unlabelled_too = w.node("np-sel-b").await;
+    let _a = w.pod("pod-a", "sel", &labelled_only).await;
+    let spec = |extra: Value| {
+        let mut spec = json!({"type": "LoadBalancer", "selector": {"app": "sel"},
+                              "ports": [{"port": 80, "targetPort": POD_TCP, "protocol": "TCP"}]});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        spec
+    };
+    let ours = json!({PROXY_LABEL: "cloudlb"});
+    let theirs = json!({PROXY_LABEL: "cilium"});
+    let class = json!({"loadBalancerClass": "cloudlb.io/nlb"});
+    let mine = w.service("mine", spec(json!({}))).await;
+    let kube = w
+        .service_labelled("kube", json!({}), spec(class.clone()))
+        .await;
+    let other_class = w
+        .service_labelled(
+            "other-class",
+            json!({}),
+            spec(json!({"loadBalancerClass": "example.com/lb"})),
+        )
+        .await;
+    let cilium = w.service_labelled("cilium", theirs, spec(class)).await;
+    let nodeport = w
+        .service_labelled(
+            "np",
+            json!({}),
+            json!({"type": "NodePort", "selector": {"app": "sel"},
+                   "ports": [{"port": 80, "targetPort": POD_TCP, "protocol": "TCP"}]}),
+        )
+        .await;
+    let labelled_np = w
+        .service_labelled(
+            "np-mine",
+            ours,
+            json!({"type": "NodePort", "selector": {"app": "sel"},
+                   "ports": [{"port": 80, "targetPort": POD_TCP, "protocol": "TCP"}]}),
+        )
+        .await;
+    labelled_only
+        .start_proxy(&w, &["--shutdown-health-delay", "0s"])
+        .await;
+    unlabelled_too
+        .start_proxy(&w, &["--shutdown-health-delay", "0s", "--serve-unlabelled"])
+        .await;
+
+    // (Service, served by the default proxy, served with --serve-unlabelled)
+    let cases = [
+        (&mine, true, true),
+        (&labelled_np, true, true),
+        (&kube, false, true),
+        (&other_class, false, false),
+        (&cilium, false, false),
+        (&nodeport, false, false),
+    ];
+    for (node, served_by) in [(&labelled_only, 1), (&unlabelled_too, 2)] {
+        for (svc, default_serves, unlabelled_serves) in cases {
+            let serves = if served_by == 1 {
+                default_serves
+            } else {
+                unlabelled_serves
+            };
+            let addr = node.addr(node_port(svc, "TCP"));
+            let name = svc.metadata.name.clone().unwrap();
+            if serves {
+                until_served_by(&w, addr, &["pod-a"]).await;
+            } else {
+                // Both proxies were ready (their first table applied) before this check.
+                assert!(
+                    w.as_client(move || refused(addr)).await,
+                    "{name} must not be served by proxy {served_by}"
+                );
+            }
+        }
+    }
+    let text = labelled_only.metrics(&w).await;
+    assert!(text.contains(r#"service="mine""#), "{text}");
+    assert!(!text.contains(r#"service="kube""#), "{text}");
+
+    // /metrics is not on the health address (only where --metrics-addr puts it).
+    let health = labelled_only.addr(ADMIN);
+    let r = w
+        .as_client(move || http_get(health, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
 }

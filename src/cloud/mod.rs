@@ -1,8 +1,18 @@
-//! The cloud edge: what the controller needs from AWS, the plan that decides it, and the errors.
+//! The cloud edge: the [`Cloud`] trait (the few verbs the controllers need), the plan that
+//! decides what to change, the errors, and [`aws`], the one implementation that calls AWS.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::future::BoxFuture;
 
 pub mod aws;
+#[cfg(test)]
+pub mod fake;
 pub mod plan;
 pub mod ratelimit;
+
+use crate::model::{DesiredLoadBalancer, Target};
+use plan::{Change, ObservedStack};
 
 /// A failed cloud call, classified by what the controller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -38,4 +48,161 @@ impl CloudError {
     pub fn is_transient(&self) -> bool {
         matches!(self, CloudError::Transient { .. })
     }
+}
+
+/// What to look for when observing one Service's stack.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackQuery {
+    /// `namespace/name`.
+    pub service: String,
+    /// Load balancer names to try: the desired one and the one behind the status hostname.
+    pub load_balancer_names: Vec<String>,
+    /// Desired target group names (found even when no listener points at them yet).
+    pub target_group_names: Vec<String>,
+    /// Teardown: a same-named resource that is not ours is simply not part of the stack
+    /// (instead of an error that would block the Service's deletion).
+    pub skip_foreign: bool,
+}
+
+/// A plan ready to deploy: the changes, with the observed stack they start from and the
+/// desired state that supplies the placement of new resources (`None`: teardown).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub desired: Option<DesiredLoadBalancer>,
+    pub observed: ObservedStack,
+    pub changes: Vec<Change>,
+}
+
+impl Plan {
+    /// Plans the changes that take `observed` to `desired`.
+    pub fn new(desired: Option<DesiredLoadBalancer>, observed: ObservedStack) -> Plan {
+        let changes = plan::plan(desired.as_ref(), &observed);
+        Plan {
+            desired,
+            observed,
+            changes,
+        }
+    }
+}
+
+/// What a deploy leaves behind that the controller reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deployed {
+    /// The load balancer's DNS name, when one exists after the plan.
+    pub dns_name: Option<String>,
+}
+
+/// A target group bound by a TargetGroupBinding, as read from the cloud.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundTargetGroup {
+    pub name: String,
+    /// `instance`, `ip`, `lambda` or `alb`, as ELBv2 spells it.
+    pub target_type: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A load balancer, target group or managed security group found by [`Cloud::inventory`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaggedResource {
+    pub arn: String,
+    pub name: String,
+    pub tags: BTreeMap<String, String>,
+    /// For a target group: the load balancers whose listeners use it.
+    pub load_balancer_arns: Vec<String>,
+}
+
+impl TaggedResource {
+    /// The kind of resource, from its ARN (or `sg-…` id).
+    pub fn kind(&self) -> ResourceKind {
+        ResourceKind::of(&self.arn)
+    }
+
+    pub fn is_target_group(&self) -> bool {
+        self.kind() == ResourceKind::TargetGroup
+    }
+
+    /// Managed security groups are listed by their id (`sg-…`) in place of an ARN.
+    pub fn is_security_group(&self) -> bool {
+        self.kind() == ResourceKind::SecurityGroup
+    }
+
+    pub fn is_load_balancer(&self) -> bool {
+        self.kind() == ResourceKind::LoadBalancer
+    }
+
+    /// Deletion order: load balancers, then target groups, then security groups.
+    pub fn deletion_rank(&self) -> u8 {
+        match self.kind() {
+            ResourceKind::LoadBalancer => 0,
+            ResourceKind::TargetGroup => 1,
+            ResourceKind::SecurityGroup => 2,
+        }
+    }
+}
+
+/// The kinds of resource cloudlb creates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResourceKind {
+    LoadBalancer,
+    TargetGroup,
+    SecurityGroup,
+}
+
+impl ResourceKind {
+    /// The kind an ELBv2 ARN or EC2 security group id names (decided here, once).
+    pub fn of(arn_or_id: &str) -> ResourceKind {
+        if arn_or_id.starts_with("sg-") {
+            ResourceKind::SecurityGroup
+        } else if arn_or_id.contains(":targetgroup/") {
+            ResourceKind::TargetGroup
+        } else {
+            ResourceKind::LoadBalancer
+        }
+    }
+}
+
+/// The few verbs the controllers need from a cloud. [`aws::AwsCloud`] is the real one; unit
+/// tests use an in-memory fake. Futures are boxed so the controllers hold an `Arc<dyn Cloud>`.
+pub trait Cloud: Send + Sync {
+    /// Reads everything one Service owns, by its deterministic names (ownership by tags).
+    fn observe<'a>(&'a self, q: &'a StackQuery)
+    -> BoxFuture<'a, Result<ObservedStack, CloudError>>;
+
+    /// Applies a plan's changes in order; stops at the first failure.
+    fn deploy<'a>(&'a self, plan: &'a Plan) -> BoxFuture<'a, Result<Deployed, CloudError>>;
+
+    /// A target group made by anyone, by ARN (for TargetGroupBindings); `None` when gone.
+    fn target_group<'a>(
+        &'a self,
+        arn: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BoundTargetGroup>, CloudError>>;
+
+    /// The group's targets that are not draining; `None` when the group is gone.
+    fn active_targets<'a>(
+        &'a self,
+        arn: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BTreeSet<Target>>, CloudError>>;
+
+    /// Registers targets in a target group.
+    fn register_targets<'a>(
+        &'a self,
+        arn: &'a str,
+        targets: &'a [Target],
+    ) -> BoxFuture<'a, Result<(), CloudError>>;
+
+    /// Deregisters targets; targets or a group already gone count as done.
+    fn deregister_targets<'a>(
+        &'a self,
+        arn: &'a str,
+        targets: &'a [Target],
+    ) -> BoxFuture<'a, Result<(), CloudError>>;
+
+    /// Everything in the account tagged for this cluster (for the orphan sweep).
+    fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>>;
+
+    /// Deletes one resource the inventory found.
+    fn delete_resource<'a>(
+        &'a self,
+        resource: &'a TaggedResource,
+    ) -> BoxFuture<'a, Result<(), CloudError>>;
 }

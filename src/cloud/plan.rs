@@ -7,10 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::annotations::IpAddressType;
 use crate::model::{
-    DesiredLoadBalancer, HealthCheckSpec, IngressRule, ListenerSpec, SecurityGroupSpec, Target,
-    TargetGroupSpec,
+    Attributes, DesiredLoadBalancer, HealthCheckSpec, IngressRule, IpAddressType, ListenerSpec,
+    Protocol, Scheme, SecurityGroupSpec, Target, TargetGroupSpec,
 };
 
 /// A load balancer as read from the cloud (only ones we own get this far).
@@ -19,9 +18,10 @@ pub struct ObservedLoadBalancer {
     pub arn: String,
     pub name: String,
     pub dns_name: String,
-    pub scheme: String,
-    pub ip_address_type: String,
-    pub attributes: BTreeMap<String, String>,
+    /// `None`: a spelling cloudlb does not know (then it differs from any desired one).
+    pub scheme: Option<Scheme>,
+    pub ip_address_type: Option<IpAddressType>,
+    pub attributes: Attributes,
     pub tags: BTreeMap<String, String>,
     pub listeners: Vec<ObservedListener>,
     pub security_groups: Vec<String>,
@@ -31,7 +31,8 @@ pub struct ObservedLoadBalancer {
 pub struct ObservedListener {
     pub arn: String,
     pub port: i32,
-    pub protocol: String,
+    /// `None`: a protocol an NLB of ours never uses.
+    pub protocol: Option<Protocol>,
     pub target_group_arn: Option<String>,
     pub certificates: Vec<String>,
 }
@@ -40,10 +41,10 @@ pub struct ObservedListener {
 pub struct ObservedTargetGroup {
     pub arn: String,
     pub name: String,
-    pub protocol: String,
+    pub protocol: Option<Protocol>,
     pub port: i32,
     pub health_check: HealthCheckSpec,
-    pub attributes: BTreeMap<String, String>,
+    pub attributes: Attributes,
     pub tags: BTreeMap<String, String>,
     pub targets: BTreeSet<Target>,
 }
@@ -443,10 +444,10 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
     let existing = observed
         .load_balancer
         .as_ref()
-        .filter(|lb| lb.scheme == d.scheme.as_aws());
+        .filter(|lb| lb.scheme == Some(d.scheme));
     let lb_ref = match (existing, &observed.load_balancer) {
         (Some(lb), _) => {
-            if lb.ip_address_type != d.ip_address_type.as_aws() {
+            if lb.ip_address_type != Some(d.ip_address_type) {
                 middle.push(Change::SetIpAddressType {
                     load_balancer: lb.arn.clone(),
                     ip_address_type: d.ip_address_type,
@@ -550,8 +551,7 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
             Some(o) => {
                 let same_tg =
                     o.target_group_arn.is_some() && o.target_group_arn == arn_of(&l.target_group);
-                if !same_tg || o.protocol != l.protocol.as_aws() || o.certificates != l.certificates
-                {
+                if !same_tg || o.protocol != Some(l.protocol) || o.certificates != l.certificates {
                     middle.push(Change::ModifyListener {
                         arn: o.arn.clone(),
                         listener: l.clone(),
@@ -606,7 +606,8 @@ fn changed_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::annotations::{self, Scheme, TargetType};
+    use crate::annotations;
+    use crate::model::TargetType;
     use crate::model::{self, ClusterContext, NodeTarget};
     use serde_json::json;
 
@@ -644,7 +645,7 @@ mod tests {
             .map(|t| ObservedTargetGroup {
                 arn: format!("arn:tg/{}", t.name),
                 name: t.name.clone(),
-                protocol: t.protocol.as_aws().into(),
+                protocol: Some(t.protocol),
                 port: t.port,
                 health_check: t.health_check.clone(),
                 attributes: [(
@@ -663,8 +664,8 @@ mod tests {
                 arn: "arn:lb".into(),
                 name: d.name.clone(),
                 dns_name: format!("{}-1.elb", d.name),
-                scheme: d.scheme.as_aws().into(),
-                ip_address_type: d.ip_address_type.as_aws().into(),
+                scheme: Some(d.scheme),
+                ip_address_type: Some(d.ip_address_type),
                 attributes: d.attributes.clone(),
                 tags: d.tags.clone(),
                 security_groups: vec!["sg-managed".into()],
@@ -675,7 +676,7 @@ mod tests {
                     .map(|(i, l)| ObservedListener {
                         arn: format!("arn:l/{i}"),
                         port: l.port,
-                        protocol: l.protocol.as_aws().into(),
+                        protocol: Some(l.protocol),
                         target_group_arn: Some(format!("arn:tg/{}", l.target_group)),
                         certificates: l.certificates.clone(),
                     })

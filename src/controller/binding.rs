@@ -10,24 +10,25 @@
 pub mod status;
 pub mod targets;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
-use tokio::sync::Mutex;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Context;
-use crate::cloud::CloudError;
+use super::events::{self, Note};
+use super::memory::{Failures, PerObject, backoff};
+use crate::cloud::{BoundTargetGroup, CloudError};
 use crate::crd::{TargetGroupBinding, TargetType};
 use crate::model::{Target, tags};
 use status::Outcome;
@@ -53,9 +54,9 @@ pub enum BindingError {
 #[derive(Default)]
 pub struct State {
     /// The hash of the last desired target set fully applied, and when.
-    applied: Mutex<HashMap<ObjectRef<TargetGroupBinding>, (u64, Instant)>>,
+    applied: PerObject<ObjectRef<TargetGroupBinding>, (u64, Instant)>,
     /// Consecutive failures, for the 5 s → 300 s backoff.
-    failures: Mutex<HashMap<ObjectRef<TargetGroupBinding>, u32>>,
+    failures: Failures<ObjectRef<TargetGroupBinding>>,
 }
 
 /// Whether a binding is affected by a change of the Service `namespace/name`.
@@ -87,7 +88,7 @@ pub async fn reconcile(
         .get_or_create(&crate::metrics::ResultLabels { result })
         .inc();
     if res.is_ok() {
-        ctx.bindings.failures.lock().await.remove(&reference);
+        ctx.bindings.failures.clear(&reference);
     }
     res
 }
@@ -98,17 +99,10 @@ pub fn error_policy(
     err: &BindingError,
     ctx: Arc<Context>,
 ) -> Action {
-    let n = match ctx.bindings.failures.try_lock() {
-        Ok(mut f) => {
-            let n = f.entry(ObjectRef::from_obj(&*binding)).or_insert(0);
-            *n += 1;
-            *n
-        }
-        Err(_) => 1,
-    };
+    let n = ctx.bindings.failures.record(ObjectRef::from_obj(&*binding));
     let delay = match err {
         BindingError::NotSynced => Duration::from_secs(1),
-        _ => Duration::from_secs((5u64 << (n.min(7) - 1)).min(300)),
+        _ => backoff(n),
     };
     warn!(binding = %format!("{}/{}", binding.namespace().unwrap_or_default(), binding.name_any()),
           error = %err, retry_in = ?delay, "binding reconcile failed");
@@ -119,6 +113,10 @@ async fn reconcile_inner(
     binding: Arc<TargetGroupBinding>,
     ctx: &Context,
 ) -> Result<Action, BindingError> {
+    if !ctx.is_leader() {
+        // A standby: the lease's winner reconciles every binding when it takes over.
+        return Ok(Action::await_change());
+    }
     // An empty store would mean "no nodes, no Service": never act on it.
     if !ctx.stores_synced() {
         return Err(BindingError::NotSynced);
@@ -148,16 +146,7 @@ fn desire(b: &TargetGroupBinding, ctx: &Context) -> Result<BTreeSet<Target>, Bin
         TargetType::Ip => Vec::new(),
     };
     let slices: Vec<EndpointSlice> = match b.spec.target_type {
-        TargetType::Ip => ctx
-            .slices
-            .state()
-            .iter()
-            .filter(|s| {
-                s.namespace().as_deref() == Some(ns.as_str())
-                    && s.labels().get("kubernetes.io/service-name") == Some(name)
-            })
-            .map(|s| (**s).clone())
-            .collect(),
+        TargetType::Ip => crate::model::slices_of_service(&ctx.slices.state(), &ns, name),
         TargetType::Instance => Vec::new(),
     };
     let policy = NodePolicy {
@@ -176,7 +165,7 @@ fn hash_of(b: &TargetGroupBinding, desired: &BTreeSet<Target>) -> u64 {
 }
 
 /// Why a target group cannot take this binding's targets, if it cannot.
-fn unusable(b: &TargetGroupBinding, tg: &crate::cloud::aws::BoundTargetGroup) -> Option<Outcome> {
+fn unusable(b: &TargetGroupBinding, tg: &BoundTargetGroup) -> Option<Outcome> {
     if let Some(cluster) = tg.tags.get(tags::CLUSTER) {
         let service = tg
             .tags
@@ -233,13 +222,13 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
     let hash = hash_of(b, &desired);
     let ready_now = status::ready_condition(b.status.as_ref())
         .is_some_and(|c| c.status == crate::crd::ConditionStatus::True);
-    if let Some((h, at)) = ctx.bindings.applied.lock().await.get(&reference) {
-        if *h == hash && at.elapsed() < ctx.resync && ready_now {
+    if let Some((h, at)) = ctx.bindings.applied.get(&reference) {
+        if h == hash && at.elapsed() < ctx.resync && ready_now {
             return Ok(Action::requeue(ctx.resync));
         }
     }
 
-    let tg = match ctx.cloud.describe_target_group(arn).await {
+    let tg = match ctx.cloud.target_group(arn).await {
         Ok(Some(tg)) => tg,
         Ok(None) => {
             let o = failure(
@@ -312,8 +301,6 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
     report(b, ctx, &outcome).await?;
     ctx.bindings
         .applied
-        .lock()
-        .await
         .insert(reference, (hash, Instant::now()));
     Ok(Action::requeue(ctx.resync))
 }
@@ -325,12 +312,8 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
 /// load balancers, is left alone.
 async fn cleanup(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingError> {
     let arn = &b.spec.target_group_arn;
-    ctx.bindings
-        .applied
-        .lock()
-        .await
-        .remove(&ObjectRef::from_obj(b));
-    let tg = match ctx.cloud.describe_target_group(arn).await {
+    ctx.bindings.applied.remove(&ObjectRef::from_obj(b));
+    let tg = match ctx.cloud.target_group(arn).await {
         Ok(Some(tg)) => tg,
         Ok(None) => return Ok(Action::await_change()),
         Err(e) => return Err(sync_failed(b, ctx, e).await),
@@ -395,14 +378,11 @@ async fn report(b: &TargetGroupBinding, ctx: &Context, o: &Outcome) -> Result<()
 }
 
 async fn event(ctx: &Context, b: &TargetGroupBinding, type_: EventType, reason: &str, note: &str) {
-    let ev = Event {
+    let note = Note {
         type_,
         reason: reason.into(),
-        note: Some(note.into()),
         action: "SyncTargets".into(),
-        secondary: None,
+        note: note.into(),
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
-        warn!(error = %e, "cannot record event");
-    }
+    events::publish(&ctx.recorder, b, note).await;
 }

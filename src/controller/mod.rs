@@ -6,11 +6,16 @@
 //! [`service::reconcile`] per Service key, the other [`binding::reconcile`] per binding key.
 
 pub mod binding;
+pub mod events;
 pub mod leader;
+pub mod memory;
 pub mod orphans;
 pub mod plan_cmd;
 pub mod service;
 pub mod status;
+#[cfg(test)]
+pub mod testing;
+pub mod writes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,12 +32,13 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::ResetTimerBackoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::cloud::Cloud;
 use crate::cloud::aws::{AwsCloud, Ownership, RateLimits};
 use crate::crd::{TargetGroupBinding, TargetType};
 use crate::metrics::{self, ControllerMetrics};
+use crate::model::SERVICE_NAME_LABEL;
 
 /// Settings shared by `controller` and `plan`: which cluster and which Services are ours.
 #[derive(Clone, Debug, clap::Args)]
@@ -189,7 +195,11 @@ pub struct Context {
     pub synced: CancellationToken,
     /// This controller's finalizer (see [`finalizer_for`]).
     pub finalizer: String,
-    pub cloud: AwsCloud,
+    /// The cloud: AWS, or the in-memory fake in unit tests.
+    pub cloud: Arc<dyn Cloud>,
+    /// The Service reconcile's writes to Kubernetes (finalizer, status, Events).
+    pub writes: Arc<dyn writes::ServiceWrites>,
+    /// Events of the binding controller.
     pub recorder: Recorder,
     pub metrics: ControllerMetrics,
     pub cluster: ClusterArgs,
@@ -197,18 +207,13 @@ pub struct Context {
     pub slices: Store<EndpointSlice>,
     pub services: Store<Service>,
     pub resync: Duration,
-    /// Per Service: the hash of the last desired state fully applied, and when.
-    pub applied: Mutex<HashMap<ObjectRef<Service>, service::Applied>>,
-    /// Per Service: consecutive failures (for the 5 s → 300 s backoff).
-    pub failures: Mutex<HashMap<ObjectRef<Service>, u32>>,
+    /// The Service controller's memory (last sync, failures, pending target groups).
+    pub services_memory: service::Memory,
+    /// Cancelled while this replica leads (at once without leader election). Until then
+    /// reconciles return without a cloud call or a write.
+    pub leading: CancellationToken,
     /// The TargetGroupBinding controller's memory.
     pub bindings: binding::State,
-    /// Per Service: target groups a plan created that a later reconcile might not find by
-    /// the desired names or the load balancer (the plan failed before their listener was made
-    /// and the Service changed meanwhile). Observed until a plan completes; see
-    /// [`service::reconcile`].
-    pub pending_target_groups:
-        Mutex<HashMap<ObjectRef<Service>, std::collections::BTreeSet<String>>>,
 }
 
 impl Context {
@@ -218,22 +223,39 @@ impl Context {
     pub fn stores_synced(&self) -> bool {
         self.synced.is_cancelled()
     }
-}
 
-/// Loads the AWS configuration from the standard chain (env, profile, web identity, IMDS);
-/// `AWS_ENDPOINT_URL` points it at LocalStack.
-pub async fn aws_config(region: Option<&str>) -> aws_config::SdkConfig {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(r) = region {
-        loader = loader.region(aws_config::Region::new(r.to_string()));
+    /// Whether this replica may reconcile and write (it holds the lease, or there is none).
+    pub fn is_leader(&self) -> bool {
+        self.leading.is_cancelled()
     }
-    loader.load().await
+
+    /// Forgets a Service that is gone (also one force-deleted without a teardown), and
+    /// updates the managed-load-balancers gauge.
+    pub fn forget_service(&self, key: &ObjectRef<Service>) {
+        self.services_memory.forget(key);
+        self.metrics
+            .managed_load_balancers
+            .set(self.services_memory.managed());
+    }
+
+    /// After a relist: forgets every Service the store no longer holds.
+    pub fn prune_services(&self) {
+        let live: std::collections::HashSet<ObjectRef<Service>> = self
+            .services
+            .state()
+            .iter()
+            .map(|s| ObjectRef::from_obj(&**s))
+            .collect();
+        self.services_memory.retain(|k| live.contains(k));
+        self.metrics
+            .managed_load_balancers
+            .set(self.services_memory.managed());
+    }
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
-    let sdk = aws_config(args.cluster.region.as_deref()).await;
     let metrics = ControllerMetrics::new();
     let shutdown = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
@@ -249,6 +271,10 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .identity
         .clone()
         .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    // Every replica watches and fills its caches, so a standby is Ready (readiness is not
+    // leadership); only the leader reconciles and writes. `leading` is cancelled once this
+    // replica leads; losing the lease ends the process.
+    let leading = CancellationToken::new();
     let lease = if args.leader_elect {
         let lease = leader::Lease::new(
             client.clone(),
@@ -257,22 +283,14 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             &identity,
             Duration::from_secs(args.lease_duration_seconds),
         );
-        tracing::info!(%identity, lease = %args.lease_name, "waiting for the leader lease");
-        tokio::select! {
-            r = lease.acquire() => r?,
-            _ = shutdown.cancelled() => return Ok(()),
-        }
-        metrics.leader.set(1);
-        tracing::info!(%identity, "became leader");
-        let lost = CancellationToken::new();
-        tokio::spawn(lease.clone().keep(lost.clone(), shutdown.clone()));
-        Some((lease, lost))
+        Some((lease, CancellationToken::new()))
     } else {
+        leading.cancel();
         None
     };
 
-    let cloud = AwsCloud::new(
-        &sdk,
+    let cloud = AwsCloud::from_env(
+        args.cluster.region.as_deref(),
         Ownership {
             cluster: args.cluster.cluster_name.clone(),
         },
@@ -283,7 +301,8 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             targets_qps: args.aws_targets_qps,
             targets_burst: args.aws_targets_burst,
         },
-    );
+    )
+    .await;
 
     let (nodes, node_writer) = reflector::store::<Node>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
@@ -301,7 +320,11 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         client: client.clone(),
         synced: synced.clone(),
         finalizer: finalizer_for(&args.cluster.load_balancer_class),
-        cloud,
+        cloud: Arc::new(cloud),
+        writes: Arc::new(writes::KubeWrites {
+            client: client.clone(),
+            recorder: recorder.clone(),
+        }),
         recorder,
         metrics: metrics.clone(),
         cluster: args.cluster.clone(),
@@ -309,10 +332,9 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         slices: slices.clone(),
         services: services.clone(),
         resync: Duration::from_secs(args.resync_seconds),
-        applied: Mutex::new(HashMap::new()),
-        failures: Mutex::new(HashMap::new()),
+        leading: leading.clone(),
+        services_memory: service::Memory::default(),
         bindings: binding::State::default(),
-        pending_target_groups: Mutex::new(HashMap::new()),
     });
 
     // The Service controller drives the three watch streams; the binding controller gets a copy
@@ -321,6 +343,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let (slice_tx, slice_rx) = futures::channel::mpsc::unbounded::<EndpointSlice>();
     let (svc_tx, svc_rx) = futures::channel::mpsc::unbounded::<Service>();
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
+    let relist_tx_for_lead = relist_tx.clone();
     // Readiness comes from the watch streams themselves (the first InitDone, which a reflector
     // passes on only after its store holds the initial list), never from
     // Store::wait_until_ready: that keeps a single waker (a oneshot behind DelayedInit), and
@@ -388,10 +411,19 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .backoff(watch_backoff()),
     )
     .inspect(mark_synced(services_synced.clone()))
-    .inspect(move |ev| {
-        relisted(ev, &relist_tx);
-        if let Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) = ev {
-            let _ = svc_tx.unbounded_send(s.clone());
+    .inspect({
+        let ctx = ctx.clone();
+        move |ev| {
+            relisted(ev, &relist_tx);
+            match ev {
+                // Per-Service memory goes with the Service, also after a force-delete.
+                Ok(watcher::Event::Delete(s)) => ctx.forget_service(&ObjectRef::from_obj(s)),
+                Ok(watcher::Event::InitDone) => ctx.prune_services(),
+                _ => {}
+            }
+            if let Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) = ev {
+                let _ = svc_tx.unbounded_send(s.clone());
+            }
         }
     })
     .applied_objects();
@@ -419,6 +451,36 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             synced.cancel();
             tracing::info!("caches synced; ready");
         });
+    }
+
+    // Leadership: once won, every Service and binding is reconciled for real (a standby's
+    // reconciles return at once without writing).
+    let (lead_tx, lead_rx) = futures::channel::mpsc::unbounded::<()>();
+    let binding_lead = relist_tx_for_lead.clone();
+    if let Some((lease, lost)) = lease.clone() {
+        let (leading, shutdown, metrics) = (leading.clone(), shutdown.clone(), metrics.clone());
+        let identity = identity.clone();
+        let lease_name = args.lease_name.clone();
+        tokio::spawn(async move {
+            tracing::info!(%identity, lease = %lease_name, "waiting for the leader lease (standby: watching, Ready, not reconciling)");
+            tokio::select! {
+                r = lease.acquire() => if let Err(e) = r {
+                    tracing::error!(error = %e, "cannot take the leader lease");
+                    shutdown.cancel();
+                    return;
+                },
+                _ = shutdown.cancelled() => return,
+            }
+            metrics.leader.set(1);
+            tracing::info!(%identity, "became leader");
+            leading.cancel();
+            let _ = lead_tx.unbounded_send(());
+            let _ = binding_lead.unbounded_send(());
+            lease.keep(lost, shutdown).await;
+        });
+    } else {
+        metrics.leader.set(0);
+        drop(lead_tx);
     }
 
     if args.orphan_sweep {
@@ -477,11 +539,12 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .watches_stream(slice_stream, move |slice: EndpointSlice| {
             // Endpoint changes matter only to ip-target Services.
             let ns = slice.namespace().unwrap_or_default();
-            let name = slice.labels().get("kubernetes.io/service-name").cloned();
+            let name = slice.labels().get(SERVICE_NAME_LABEL).cloned();
             name.and_then(|n| svc_store_for_slices.get(&ObjectRef::new(&n).within(&ns)))
                 .filter(|s| service::is_ours(s, &cluster_for_slices) && service::uses_ip_targets(s))
                 .map(|s| ObjectRef::from_obj(&*s))
         })
+        .reconcile_all_on(lead_rx)
         .graceful_shutdown_on(stop())
         .run(service::reconcile, service::error_policy, ctx.clone())
         .for_each(|res| async move {
@@ -544,7 +607,7 @@ fn binding_controller(
         })
         .watches_stream(triggers.slices.map(Ok), move |slice: EndpointSlice| {
             let ns = slice.namespace().unwrap_or_default();
-            match slice.labels().get("kubernetes.io/service-name") {
+            match slice.labels().get(SERVICE_NAME_LABEL) {
                 Some(name) => refs(&for_slices, |b| {
                     b.spec.target_type == TargetType::Ip && binding::refers_to(b, &ns, name)
                 }),

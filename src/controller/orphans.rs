@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use super::service::{is_ours, reachable_names};
-use crate::cloud::aws::TaggedResource;
+use crate::cloud::TaggedResource;
 use crate::model::tags;
 
 /// What a live Service's reconcile looks at.
@@ -118,7 +118,7 @@ pub async fn sweep_loop(
     // Never judge against a store that is still filling: everything would look orphaned.
     tokio::select! {
         _ = shutdown.cancelled() => return,
-        _ = synced.cancelled() => {}
+        _ = async { tokio::join!(synced.cancelled(), ctx.leading.cancelled()) } => {}
     }
     tracing::info!(
         interval_seconds = interval.as_secs(),
@@ -140,7 +140,7 @@ pub async fn sweep_loop(
 
 /// What every live Service of ours reaches, from the store and the controller's state.
 async fn live_services(ctx: &Context, services: &Store<Service>) -> BTreeMap<String, Reach> {
-    let pending = ctx.pending_target_groups.lock().await.clone();
+    let pending = ctx.services_memory.pending_target_groups.snapshot();
     services
         .state()
         .iter()
@@ -192,7 +192,7 @@ pub async fn sweep_once(
             continue;
         }
         tracing::info!(arn = %r.arn, name = %r.name, %service, reason = reason.as_str(), "deleting orphaned resource");
-        match ctx.cloud.delete_by_arn(&r.arn, &r.name).await {
+        match ctx.cloud.delete_resource(r).await {
             Ok(()) => {
                 ctx.metrics.orphans_deleted.inc();
                 deleted += 1;

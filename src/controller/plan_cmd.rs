@@ -1,20 +1,22 @@
 //! `cloudlb plan`: what the controller would change in the cloud for the cluster as it is now,
-//! without changing anything (a dry run to read before an upgrade or a config change).
+//! without changing anything (a dry run to read before an upgrade or a config change). It
+//! builds the same [`View`] a reconcile builds and runs the same decision and plan
+//! ([`service::dry_run`]), only without memory of earlier syncs and without writes.
 
+use std::collections::BTreeSet;
 use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
-use super::ClusterArgs;
-use super::service::{is_ours, name_from_hostname, node_selector};
-use super::status::current_hostname;
-use crate::annotations;
-use crate::cloud::aws::{AwsCloud, Ownership, RateLimits, StackQuery};
-use crate::cloud::plan;
+use super::service::{self, DryRun, View};
+use super::{ClusterArgs, finalizer_for};
+use crate::cloud::aws::{AwsCloud, Ownership, RateLimits};
 use crate::metrics::ControllerMetrics;
-use crate::model;
 
 /// Command-line settings of `cloudlb plan`.
 #[derive(Clone, Debug, clap::Args)]
@@ -29,109 +31,64 @@ pub struct PlanArgs {
 /// Prints, per Service, the changes a reconcile would make. Exit status 0 either way.
 pub async fn run(args: PlanArgs) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
-    let sdk = super::aws_config(args.cluster.region.as_deref()).await;
-    let cloud = AwsCloud::new(
-        &sdk,
+    let cloud = AwsCloud::from_env(
+        args.cluster.region.as_deref(),
         Ownership {
             cluster: args.cluster.cluster_name.clone(),
         },
         ControllerMetrics::new(),
-        RateLimits {
-            qps: 10.0,
-            burst: 40,
-            targets_qps: 4.0,
-            targets_burst: 20,
-        },
-    );
+        RateLimits::default(),
+    )
+    .await;
     let services: Api<Service> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let nodes: Vec<Node> = Api::<Node>::all(client.clone())
+    let nodes: Vec<Arc<Node>> = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await?
-        .items;
-    let slices = Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::all(client.clone())
+        .items
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let slices: Vec<Arc<EndpointSlice>> = Api::<EndpointSlice>::all(client.clone())
         .list(&ListParams::default())
         .await?
-        .items;
-    let cluster = args.cluster.context();
+        .items
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let finalizer = finalizer_for(&args.cluster.load_balancer_class);
     let mut out = std::io::stdout().lock();
     let mut total = 0;
     for svc in services.list(&ListParams::default()).await?.items {
         let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
-        let ours = is_ours(&svc, &args.cluster) && svc.metadata.deletion_timestamp.is_none();
-        let has_finalizer = svc
-            .finalizers()
-            .iter()
-            .any(|f| *f == super::finalizer_for(&args.cluster.load_balancer_class));
-        if !ours && !has_finalizer {
-            continue;
-        }
-        let desired = if ours {
-            let opts = match annotations::parse(svc.annotations()) {
-                Ok(o) => o,
-                Err(errs) => {
-                    for e in errs {
-                        writeln!(out, "{key}: invalid: {e}")?;
-                    }
-                    continue;
+        let view = View {
+            svc: &svc,
+            cluster: &args.cluster,
+            finalizer: &finalizer,
+            nodes: &nodes,
+            slices: &slices,
+            pending_target_groups: BTreeSet::new(),
+            applied: None,
+            resync: Duration::ZERO,
+            now: Instant::now(),
+        };
+        match service::dry_run(&view, &cloud).await {
+            Ok(DryRun::Ignore) => {}
+            Ok(DryRun::Invalid(message)) => writeln!(out, "{key}: invalid: {message}")?,
+            Ok(DryRun::UpToDate) => writeln!(out, "{key}: up to date")?,
+            Ok(DryRun::Plan(plan)) => {
+                if plan.changes.is_empty() {
+                    writeln!(out, "{key}: up to date")?;
                 }
-            };
-            let eligible = model::eligible_nodes(
-                &nodes,
-                &node_selector(&args.cluster, &opts),
-                args.cluster.keep_not_ready_nodes,
-            );
-            let own_slices: Vec<_> = slices
-                .iter()
-                .filter(|s| {
-                    s.namespace() == svc.namespace()
-                        && s.labels().get("kubernetes.io/service-name") == Some(&svc.name_any())
-                })
-                .cloned()
-                .collect();
-            match model::desired_load_balancer(&svc, &opts, &eligible, &own_slices, &cluster) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    writeln!(out, "{key}: invalid: {e}")?;
-                    continue;
+                for c in &plan.changes {
+                    writeln!(out, "{key}: {c}")?;
                 }
+                total += plan.changes.len();
             }
-        } else {
-            None
-        };
-        let mut lb_names: Vec<String> = desired.iter().map(|d| d.name.clone()).collect();
-        lb_names.extend(current_hostname(&svc).and_then(name_from_hostname));
-        lb_names.push(model::load_balancer_name(
-            &args.cluster.cluster_name,
-            &svc.namespace().unwrap_or_default(),
-            &svc.name_any(),
-        ));
-        let q = StackQuery {
-            service: key.clone(),
-            load_balancer_names: lb_names,
-            target_group_names: desired
-                .iter()
-                .flat_map(|d| d.target_groups.iter().map(|t| t.name.clone()))
-                .collect(),
-            skip_foreign: desired.is_none(),
-        };
-        let observed = match cloud.observe(&q).await {
-            Ok(o) => o,
-            Err(e) => {
-                writeln!(out, "{key}: cannot observe: {e}")?;
-                continue;
-            }
-        };
-        let changes = plan::plan(desired.as_ref(), &observed);
-        if changes.is_empty() {
-            writeln!(out, "{key}: up to date")?;
+            Err(e) => writeln!(out, "{key}: cannot observe: {e}")?,
         }
-        for c in &changes {
-            writeln!(out, "{key}: {c}")?;
-        }
-        total += changes.len();
     }
     writeln!(out, "{total} change(s)")?;
     Ok(())

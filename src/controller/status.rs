@@ -90,6 +90,15 @@ fn current_condition(svc: &Service) -> Option<&Condition> {
         .and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION))
 }
 
+/// One status write of a Service reconcile: the hostname (or none) and our condition.
+#[derive(Clone, Copy, Debug)]
+pub struct Update<'a> {
+    pub hostname: Option<&'a str>,
+    pub synced: bool,
+    pub reason: &'a str,
+    pub message: &'a str,
+}
+
 /// Desired status: the hostname (or none) and our condition. Patches only what differs.
 pub async fn update(
     client: &Client,

@@ -15,12 +15,40 @@ pub struct NodeProxyArgs {
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     pub bind_address: IpAddr,
 
-    /// Address of the admin server (/metrics, /healthz, /readyz). Not kube-proxy's 10256, so
-    /// both can run on one node.
+    /// Address of `/healthz` and `/readyz` (kubelet probes, the NLB's health check with the
+    /// controller's `--node-proxy-health-port`): all addresses, as kube-proxy's healthz server.
+    /// Not kube-proxy's 10256, so both can run on one node.
     #[arg(long, default_value = "0.0.0.0:10266")]
+    pub health_addr: SocketAddr,
+
+    /// Address of `/metrics` (and `/healthz`, `/readyz`): loopback by default, as kube-proxy's
+    /// metrics server, since the host network is reachable by every client of the node. The
+    /// same address as `--health-addr` serves all three on one listener.
+    #[arg(long, default_value = "127.0.0.1:10267")]
     pub metrics_addr: SocketAddr,
 
-    /// Also serve Services of type NodePort (LoadBalancer Services are always served).
+    /// Serve the Services labelled `service.kubernetes.io/service-proxy-name=NAME` (which
+    /// kube-proxy skips), whatever their type or class.
+    #[arg(long, default_value = "cloudlb", value_name = "NAME")]
+    pub service_proxy_name: String,
+
+    /// Also serve Services without a `service.kubernetes.io/service-proxy-name` label (clusters
+    /// with no kube-proxy): LoadBalancer Services of `--load-balancer-class` (and NodePort ones
+    /// with `--nodeport-services`).
+    #[arg(long)]
+    pub serve_unlabelled: bool,
+
+    /// With `--serve-unlabelled`: the `spec.loadBalancerClass` whose unlabelled Services are
+    /// served (the controller's `--load-balancer-class`).
+    #[arg(long, default_value = "cloudlb.io/nlb")]
+    pub load_balancer_class: String,
+
+    /// With `--serve-unlabelled`: also serve unlabelled LoadBalancer Services without a class
+    /// (as the controller's `--default-class`).
+    #[arg(long)]
+    pub default_class: bool,
+
+    /// With `--serve-unlabelled`: also serve unlabelled Services of type NodePort.
     #[arg(long)]
     pub nodeport_services: bool,
 
@@ -51,6 +79,44 @@ pub struct NodeProxyArgs {
     /// conntrack default for UDP is 30 s).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub udp_idle_timeout: Duration,
+
+    /// Live UDP flows over all node ports; a new flow past it replaces the idlest flow of its
+    /// node port (or is dropped when that port has none).
+    #[arg(long, default_value_t = 16_384)]
+    pub udp_max_flows: usize,
+
+    /// Live UDP flows of one client IP on one node port; a new one past it replaces that
+    /// client's idlest flow. 0 = no limit.
+    #[arg(long, default_value_t = 1_024)]
+    pub udp_max_flows_per_source: usize,
+
+    /// Open TCP connections over all node ports; connections past it are reset at accept.
+    #[arg(long, default_value_t = 32_768)]
+    pub tcp_max_connections: usize,
+
+    /// Open TCP connections of one client IP over all node ports; past it they are reset at
+    /// accept. 0 = no limit (clients behind one NAT share an IP).
+    #[arg(long, default_value_t = 0)]
+    pub tcp_max_connections_per_source: usize,
+
+    /// A TCP connection with no byte either way for this long is closed (above the NLB's
+    /// largest configurable TCP idle timeout, 6000 s). 0 = never.
+    #[arg(long, default_value = "2h", value_parser = parse_duration)]
+    pub tcp_idle_timeout: Duration,
+
+    /// Clients remembered per node port for `sessionAffinity: ClientIP`; past it the least
+    /// recently seen are forgotten.
+    #[arg(long, default_value_t = 65_536)]
+    pub affinity_max_clients: usize,
+
+    /// HTTP servers (health-check node ports, `--health-addr`, `--metrics-addr`): a request's
+    /// headers must arrive within this long of the connection opening, else it is closed.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Open connections per HTTP server; a new one past it closes that server's oldest.
+    #[arg(long, default_value_t = 128)]
+    pub http_max_connections: usize,
 }
 
 /// Parses `250ms`, `20s`, `2m`, `1h` or a bare `0`.

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+
+use prometheus_client::metrics::counter::Counter;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -16,11 +18,20 @@ use std::time::{Duration, Instant};
 const SWEEP_AT_LEAST: usize = 1024;
 
 /// Per-frontend balancing state. Lives as long as the frontend, across endpoint updates, so
-/// affinity survives a scale-up.
-#[derive(Debug, Default)]
+/// affinity survives a scale-up. The affinity table holds at most `max_clients` clients: past
+/// that, expired entries go first, then the least recently seen eighth (counted in `evicted`).
+#[derive(Debug)]
 pub struct Balancer {
     next: AtomicUsize,
     affinity: Mutex<Affinity>,
+    max_clients: usize,
+    evicted: Counter,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Balancer::new(65_536, Counter::default())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -30,6 +41,16 @@ struct Affinity {
 }
 
 impl Balancer {
+    /// A balancer remembering at most `max_clients` (at least 1) for affinity.
+    pub fn new(max_clients: usize, evicted: Counter) -> Balancer {
+        Balancer {
+            next: AtomicUsize::new(0),
+            affinity: Mutex::new(Affinity::default()),
+            max_clients: max_clients.max(1),
+            evicted,
+        }
+    }
+
     /// Picks a backend among `targets` (the current eligible set) for `client`. With affinity, a
     /// client keeps the backend it used last as long as that is still a target and it came back
     /// within `timeout` of its previous connection (kube-proxy refreshes on every connection).
@@ -56,12 +77,32 @@ impl Balancer {
         });
         let backend = kept.unwrap_or_else(|| self.round_robin(targets));
         aff.sticky.insert(client, (backend, now));
-        if aff.sticky.len() >= aff.sweep_at.max(SWEEP_AT_LEAST) {
+        let full = aff.sticky.len() > self.max_clients;
+        if full || aff.sticky.len() >= aff.sweep_at.max(SWEEP_AT_LEAST) {
             aff.sticky
                 .retain(|_, (_, last)| now.saturating_duration_since(*last) <= timeout);
+            if aff.sticky.len() > self.max_clients {
+                self.forget_least_recent(&mut aff);
+            }
             aff.sweep_at = aff.sticky.len() * 2;
         }
         Some(backend)
+    }
+
+    /// Forgets the least recently seen eighth of the clients (so this runs once per
+    /// `max_clients / 8` new clients, not on every one).
+    fn forget_least_recent(&self, aff: &mut Affinity) {
+        let mut seen: Vec<Instant> = aff.sticky.values().map(|(_, last)| *last).collect();
+        let keep = self.max_clients - self.max_clients / 8;
+        let drop_n = aff.sticky.len().saturating_sub(keep);
+        if drop_n == 0 {
+            return;
+        }
+        let (_, cutoff, _) = seen.select_nth_unstable(drop_n - 1);
+        let cutoff = *cutoff;
+        let before = aff.sticky.len();
+        aff.sticky.retain(|_, (_, last)| *last > cutoff);
+        self.evicted.inc_by((before - aff.sticky.len()) as u64);
     }
 
     /// The next target in turn. `targets` is never empty here.
@@ -182,5 +223,30 @@ mod tests {
         }
         let len = b.affinity.lock().unwrap().sticky.len();
         assert!(len <= SWEEP_AT_LEAST, "{len}");
+    }
+
+    #[test]
+    fn affinity_table_stays_within_its_cap_forgetting_the_least_recent() {
+        let evicted = Counter::default();
+        let b = Balancer::new(80, evicted.clone());
+        let t0 = Instant::now();
+        let timeout = Some(Duration::from_secs(3600));
+        let targets = [a("10.0.0.1:80"), a("10.0.0.2:80")];
+        // 1000 clients, each a second after the previous, none expired.
+        for i in 0..1000u32 {
+            let client = IpAddr::from(std::net::Ipv4Addr::from(i));
+            b.pick(
+                &targets,
+                client,
+                timeout,
+                t0 + Duration::from_secs(u64::from(i)),
+            );
+        }
+        let sticky = &b.affinity.lock().unwrap().sticky;
+        assert!(sticky.len() <= 80, "{}", sticky.len());
+        assert_eq!(evicted.get() as usize, 1000 - sticky.len());
+        // The most recent client is remembered, the first ones are not.
+        assert!(sticky.contains_key(&IpAddr::from(std::net::Ipv4Addr::from(999u32))));
+        assert!(!sticky.contains_key(&IpAddr::from(std::net::Ipv4Addr::from(0u32))));
     }
 }

@@ -11,8 +11,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::frontend::{Lifecycle, PortState, Timeouts};
+use super::frontend::{Caps, Lifecycle, PortState, Timeouts};
 use super::health::{self, ProxyHealth};
+use super::http::{self, HttpLimits, HttpThread};
 use super::metrics::Metrics;
 use super::table::{Frontend, FrontendKey, HealthCheck, Protocol, Table};
 use super::{tcp, udp};
@@ -34,6 +35,8 @@ pub struct Dataplane {
     metrics: Arc<Metrics>,
     proxy: Arc<ProxyHealth>,
     timeouts: Timeouts,
+    caps: Arc<Caps>,
+    http: (HttpThread, Arc<HttpLimits>),
     draining: CancellationToken,
     tracker: Tracker,
     frontends: BTreeMap<FrontendKey, RunningFrontend>,
@@ -42,11 +45,14 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// An empty dataplane; `tracker` will carry every connection and flow task.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         bind: IpAddr,
         metrics: Arc<Metrics>,
         proxy: Arc<ProxyHealth>,
         timeouts: Timeouts,
+        caps: Arc<Caps>,
+        http: (HttpThread, Arc<HttpLimits>),
         draining: CancellationToken,
         tracker: Tracker,
     ) -> Dataplane {
@@ -55,6 +61,8 @@ impl Dataplane {
             metrics,
             proxy,
             timeouts,
+            caps,
+            http,
             draining,
             tracker,
             frontends: BTreeMap::new(),
@@ -150,7 +158,7 @@ impl Dataplane {
         let addr = SocketAddr::new(self.bind, key.node_port);
         let metrics = self.metrics.port(key, &frontend.service);
         metrics.endpoints.set(gauge_value(frontend.targets.len()));
-        let port = PortState::new(key, metrics, self.timeouts);
+        let port = PortState::new(key, metrics, self.timeouts, Arc::clone(&self.caps));
         let (config, config_rx) = watch::channel(Arc::clone(frontend));
         let removed = CancellationToken::new();
         let life = Lifecycle {
@@ -195,7 +203,7 @@ impl Dataplane {
 
     fn open_health_check(&mut self, port: u16, check: &HealthCheck) -> bool {
         let addr = SocketAddr::new(self.bind, port);
-        let listener = match tcp::bind(addr) {
+        let listener = match http::bind(addr) {
             Ok(l) => l,
             Err(e) => {
                 warn!(port, error = %e, "cannot bind health check port; will retry");
@@ -204,12 +212,13 @@ impl Dataplane {
         };
         let (tx, rx) = watch::channel(check.clone());
         let stop = CancellationToken::new();
-        tokio::spawn(health::serve_health_check(
+        let (thread, limits) = &self.http;
+        thread.serve(
             listener,
-            rx,
-            Arc::clone(&self.proxy),
+            health::health_check_app(rx, Arc::clone(&self.proxy)),
+            Arc::clone(limits),
             stop.clone(),
-        ));
+        );
         info!(port, service = %format!("{}/{}", check.namespace, check.name),
               local_endpoints = check.local_endpoints, "health check listening");
         self.health_checks

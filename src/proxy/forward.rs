@@ -6,11 +6,14 @@
 //! connection costs no buffer and nothing is allocated per request. A read that comes back
 //! short means the socket is drained, so readiness is dropped without the extra `read` that
 //! would only say `EAGAIN`. A direction that fills the whole scratch buffer is bulk: it moves
-//! to `splice(2)` through a pipe, and its bytes no longer cross user space.
+//! to `splice(2)` through a pipe, and its bytes no longer cross user space. With an idle
+//! timeout, a connection that moves no byte either way for that long is closed.
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use socket2::SockRef;
@@ -26,19 +29,66 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
 }
 
-/// Forwards until both directions have seen end-of-stream (each half-close is passed on), or
-/// until an error on either socket, which is returned; the caller then resets both sides.
+/// Runs `f` on this thread's scratch buffer (also the UDP path's one receive buffer).
+pub fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with_borrow_mut(|buf| f(buf))
+}
+
+/// How a forwarded connection ended without error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Both directions saw end-of-stream.
+    Finished,
+    /// No byte moved either way for the idle timeout.
+    Idle,
+}
+
+/// Forwards until both directions have seen end-of-stream (each half-close is passed on),
+/// until nothing moved for `idle` (when given), or until an error on either socket, which is
+/// returned; the caller then resets both sides.
 pub async fn forward(
     client: &TcpStream,
     backend: &TcpStream,
     bytes_in: &Counter,
     bytes_out: &Counter,
-) -> io::Result<()> {
-    tokio::try_join!(
-        pump(client, backend, bytes_in),
-        pump(backend, client, bytes_out)
-    )?;
-    Ok(())
+    idle: Option<Duration>,
+) -> io::Result<Ended> {
+    let progress = AtomicU64::new(0);
+    let both = async {
+        tokio::try_join!(
+            pump(client, backend, bytes_in, &progress),
+            pump(backend, client, bytes_out, &progress)
+        )
+    };
+    match idle {
+        None => both.await.map(|_| Ended::Finished),
+        Some(idle) => tokio::select! {
+            r = both => r.map(|_| Ended::Finished),
+            _ = until_idle(&progress, idle) => Ok(Ended::Idle),
+        },
+    }
+}
+
+/// Returns once `progress` has not moved for `idle` (checked in quarters of it, so the close
+/// comes between `idle` and 1.25 × `idle` after the last byte).
+async fn until_idle(progress: &AtomicU64, idle: Duration) {
+    const CHECKS: u32 = 4;
+    let tick = (idle / CHECKS).max(Duration::from_millis(1));
+    let mut last = progress.load(Ordering::Relaxed);
+    let mut quiet = 0;
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = progress.load(Ordering::Relaxed);
+        if now == last {
+            quiet += 1;
+            if quiet >= CHECKS {
+                return;
+            }
+        } else {
+            quiet = 0;
+            last = now;
+        }
+    }
 }
 
 /// What one read-and-write step did.
@@ -49,8 +99,14 @@ enum Step {
     Eof,
 }
 
-/// One direction: src → dst, then a write shutdown of dst at end-of-stream.
-async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Result<()> {
+/// One direction: src → dst, then a write shutdown of dst at end-of-stream. Every step that
+/// moves bytes bumps `progress`.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: &Counter,
+    progress: &AtomicU64,
+) -> io::Result<()> {
     let mut pending = Vec::new();
     let mut sent = 0;
     let mut bulk = false;
@@ -58,7 +114,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Result<(
         if sent < pending.len() {
             dst.writable().await?;
             match dst.try_write(&pending[sent..]) {
-                Ok(n) => sent += n,
+                Ok(n) => {
+                    sent += n;
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
@@ -70,7 +129,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Result<(
         }
         if bulk {
             if let Ok(pipe) = Pipe::new() {
-                return splice_pump(src, dst, pipe, bytes).await;
+                return splice_pump(src, dst, pipe, bytes, progress).await;
             }
             bulk = false;
         }
@@ -102,6 +161,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Result<(
             }
             Some(Step::Moved(n)) => {
                 bytes.inc_by(n as u64);
+                progress.fetch_add(1, Ordering::Relaxed);
                 bulk = n == SCRATCH_SIZE;
             }
         }
@@ -137,6 +197,7 @@ async fn splice_pump(
     dst: &TcpStream,
     mut pipe: Pipe,
     bytes: &Counter,
+    progress: &AtomicU64,
 ) -> io::Result<()> {
     loop {
         while pipe.len() > 0 {
@@ -144,6 +205,7 @@ async fn splice_pump(
             match dst.try_io(Interest::WRITABLE, || pipe.drain_into(dst)) {
                 Ok(n) => {
                     bytes.inc_by(n as u64);
+                    progress.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -192,6 +254,7 @@ mod tests {
                 &proxy_backend_side,
                 &counters.0,
                 &counters.1,
+                Some(Duration::from_secs(60)),
             )
             .await
         });
@@ -225,8 +288,34 @@ mod tests {
         assert!(got_down == down, "downstream bytes changed");
         drop(writer.await.unwrap());
 
-        proxy.await.unwrap().unwrap();
+        assert_eq!(proxy.await.unwrap().unwrap(), Ended::Finished);
         assert_eq!(bytes_in.get(), 4 + (8 << 20));
         assert_eq!(bytes_out.get(), 4 + (8 << 20));
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_for_the_timeout_ends_and_one_in_use_does_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, proxy_client_side) = pair(&listener).await;
+        let (proxy_backend_side, mut backend) = pair(&listener).await;
+        let idle = Duration::from_millis(400);
+        let proxy = tokio::spawn(async move {
+            let (i, o) = (Counter::default(), Counter::default());
+            let start = std::time::Instant::now();
+            let ended = forward(&proxy_client_side, &proxy_backend_side, &i, &o, Some(idle)).await;
+            (ended.unwrap(), start.elapsed())
+        });
+        // Traffic every 150 ms for 1.2 s keeps it open (each gap is under the timeout).
+        for _ in 0..8 {
+            client.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            backend.read_exact(&mut one).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        assert!(!proxy.is_finished(), "closed while in use");
+        let (ended, took) = proxy.await.unwrap();
+        assert_eq!(ended, Ended::Idle);
+        // The last byte moved after 7 × 150 ms; the close comes at least 400 ms after it.
+        assert!(took >= Duration::from_millis(1050 + 400), "{took:?}");
     }
 }

@@ -8,7 +8,8 @@ use super::tracker::Tracker;
 use tokio_util::sync::CancellationToken;
 
 use super::balance::Balancer;
-use super::metrics::PortMetrics;
+use super::limits::{Budget, TcpLimits};
+use super::metrics::{LimitCounters, PortMetrics};
 use super::table::FrontendKey;
 
 /// State of one frontend for its whole life (endpoint sets come and go through a watch channel).
@@ -24,19 +25,47 @@ pub struct PortState {
     pub connect_timeout: Duration,
     /// How long a UDP flow lives without a datagram either way.
     pub udp_idle_timeout: Duration,
+    /// The process-wide caps.
+    pub caps: Arc<Caps>,
 }
 
 impl PortState {
     /// State for a new frontend.
-    pub fn new(key: FrontendKey, metrics: PortMetrics, timeouts: Timeouts) -> Arc<PortState> {
+    pub fn new(
+        key: FrontendKey,
+        metrics: PortMetrics,
+        timeouts: Timeouts,
+        caps: Arc<Caps>,
+    ) -> Arc<PortState> {
         Arc::new(PortState {
             key,
-            balancer: Balancer::default(),
+            balancer: Balancer::new(
+                caps.affinity_max_clients,
+                caps.counters.affinity_evicted.clone(),
+            ),
             metrics,
             connect_timeout: timeouts.connect,
             udp_idle_timeout: timeouts.udp_idle,
+            caps,
         })
     }
+}
+
+/// Caps from the command line, shared by every frontend (see `limits`).
+#[derive(Debug)]
+pub struct Caps {
+    /// Open TCP connections, overall and per client IP.
+    pub tcp: Arc<TcpLimits>,
+    /// Live UDP flows over all node ports.
+    pub udp_flows: Arc<Budget>,
+    /// Live UDP flows per client IP and node port (0 = no limit).
+    pub udp_flows_per_source: usize,
+    /// Idle TCP connections are closed after this long (`None` = never).
+    pub tcp_idle: Option<Duration>,
+    /// Clients remembered per node port for session affinity.
+    pub affinity_max_clients: usize,
+    /// What the caps refused, evicted and closed.
+    pub counters: LimitCounters,
 }
 
 /// Timeouts from the command line.

@@ -1,6 +1,7 @@
 //! Health endpoints: kube-proxy's health-check nodePort contract for externalTrafficPolicy Local
-//! Services (so an NLB's HTTP health check finds the nodes with local endpoints), and the
-//! proxy's admin server with `/metrics`, `/healthz` and `/readyz`.
+//! Services (so an NLB's HTTP health check finds the nodes with local endpoints), the proxy's
+//! own `/healthz` and `/readyz` (`--health-addr`), and `/metrics` (`--metrics-addr`, with the
+//! probes too). All of them run on the hardened server of `http`, on its own thread.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,10 +12,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use super::metrics::Metrics;
 use super::table::HealthCheck;
@@ -103,26 +101,15 @@ struct HealthCheckState {
     proxy: Arc<ProxyHealth>,
 }
 
-/// Serves one health-check nodePort until `stop`. Like kube-proxy it answers every path the
-/// same (the NLB asks for `/healthz`). Count changes arrive through `check`.
-pub async fn serve_health_check(
-    listener: TcpListener,
-    check: watch::Receiver<HealthCheck>,
-    proxy: Arc<ProxyHealth>,
-    stop: CancellationToken,
-) {
-    let app = Router::new()
+/// The app of one health-check nodePort. Like kube-proxy it answers every path the same (the
+/// NLB asks for `/healthz`). Count changes arrive through `check`.
+pub fn health_check_app(check: watch::Receiver<HealthCheck>, proxy: Arc<ProxyHealth>) -> Router {
+    Router::new()
         .fallback(|State(s): State<HealthCheckState>| async move {
             let hc = s.check.borrow().clone();
             health_check_response(&hc, s.proxy.healthy())
         })
-        .with_state(HealthCheckState { check, proxy });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        warn!(error = %e, "health check server failed");
-    }
+        .with_state(HealthCheckState { check, proxy })
 }
 
 #[derive(Clone)]
@@ -131,25 +118,26 @@ struct AdminState {
     proxy: Arc<ProxyHealth>,
 }
 
-/// The admin server: `/metrics` (Prometheus text), `/healthz` (liveness: the process serves),
-/// `/readyz` (200 once the first table is applied, 503 again from the start of shutdown).
-pub async fn serve_admin(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    proxy: Arc<ProxyHealth>,
-    stop: CancellationToken,
-) {
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
+/// What an admin listener answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminRoutes {
+    /// `/healthz` and `/readyz` only (`--health-addr`, reachable from the network).
+    Probes,
+    /// `/metrics` as well (`--metrics-addr`, loopback by default).
+    ProbesAndMetrics,
+}
+
+/// An admin listener's app: `/healthz` (liveness: the process serves), `/readyz` (200 once the
+/// first table is applied, 503 again from the start of shutdown) and, with
+/// [`AdminRoutes::ProbesAndMetrics`], `/metrics` (Prometheus text).
+pub fn admin_app(routes: AdminRoutes, metrics: Arc<Metrics>, proxy: Arc<ProxyHealth>) -> Router {
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz_handler))
-        .with_state(AdminState { metrics, proxy });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        warn!(error = %e, "admin server failed");
+        .route("/readyz", get(readyz_handler));
+    if routes == AdminRoutes::ProbesAndMetrics {
+        app = app.route("/metrics", get(metrics_handler));
     }
+    app.with_state(AdminState { metrics, proxy })
 }
 
 async fn metrics_handler(State(s): State<AdminState>) -> Response {

@@ -60,6 +60,86 @@ impl EncodeLabelValue for Reason {
     }
 }
 
+/// A cap of the proxy (see `limits`), as the `limit` label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Limit {
+    UdpFlows,
+    UdpFlowsPerSource,
+    TcpConnections,
+    TcpConnectionsPerSource,
+    TcpIdle,
+    AffinityClients,
+    HttpConnections,
+    HttpHeaderTimeout,
+}
+
+/// What a cap did, as the `action` label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Action {
+    /// A new connection or flow was turned away.
+    Refused,
+    /// An old one was closed to make room for a new one.
+    Evicted,
+    /// One was closed because it stayed idle or too slow.
+    Closed,
+}
+
+impl EncodeLabelValue for Limit {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            Limit::UdpFlows => "udp_flows",
+            Limit::UdpFlowsPerSource => "udp_flows_per_source",
+            Limit::TcpConnections => "tcp_connections",
+            Limit::TcpConnectionsPerSource => "tcp_connections_per_source",
+            Limit::TcpIdle => "tcp_idle",
+            Limit::AffinityClients => "affinity_clients",
+            Limit::HttpConnections => "http_connections",
+            Limit::HttpHeaderTimeout => "http_header_timeout",
+        })
+    }
+}
+
+impl EncodeLabelValue for Action {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            Action::Refused => "refused",
+            Action::Evicted => "evicted",
+            Action::Closed => "closed",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: Limit,
+    action: Action,
+}
+
+/// Counters of what each cap refused, evicted or closed (process-wide, not per port).
+#[derive(Clone, Debug)]
+pub struct LimitCounters {
+    /// New UDP flows dropped: the flow budget is spent and their port has no flow to evict.
+    pub udp_refused: Counter,
+    /// UDP flows evicted (the port's idlest) to stay within the flow budget.
+    pub udp_evicted: Counter,
+    /// UDP flows evicted (the client's idlest) to stay within the per-source cap.
+    pub udp_source_evicted: Counter,
+    /// TCP connections reset at accept: too many open.
+    pub tcp_refused: Counter,
+    /// TCP connections reset at accept: too many open from that client IP.
+    pub tcp_source_refused: Counter,
+    /// TCP connections closed for being idle.
+    pub tcp_idle_closed: Counter,
+    /// Session-affinity entries forgotten to stay within the per-port cap.
+    pub affinity_evicted: Counter,
+    /// HTTP connections closed (the server's oldest) to make room for a new one.
+    pub http_evicted: Counter,
+    /// HTTP connections closed for not sending their request headers in time.
+    pub http_header_timeout: Counter,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabels {
     #[prometheus(flatten)]
@@ -84,6 +164,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     endpoints: Family<PortLabels, Gauge>,
     table_updates: Counter,
+    limited: Family<LimitLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -96,6 +177,7 @@ impl Default for Metrics {
             errors: Family::default(),
             endpoints: Family::default(),
             table_updates: Counter::default(),
+            limited: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -127,6 +209,11 @@ impl Default for Metrics {
             "table_updates",
             "Changes of the proxy table applied",
             m.table_updates.clone(),
+        );
+        registry.register(
+            "limited",
+            "Connections, flows and requests refused, evicted or closed by a cap of the proxy",
+            m.limited.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -188,6 +275,26 @@ impl Metrics {
                 port: labels.clone(),
                 reason,
             });
+        }
+    }
+
+    /// Handles of the caps' counters (every series exists from the start, at zero).
+    pub fn limits(&self) -> LimitCounters {
+        let c = |limit, action| {
+            self.limited
+                .get_or_create(&LimitLabels { limit, action })
+                .clone()
+        };
+        LimitCounters {
+            udp_refused: c(Limit::UdpFlows, Action::Refused),
+            udp_evicted: c(Limit::UdpFlows, Action::Evicted),
+            udp_source_evicted: c(Limit::UdpFlowsPerSource, Action::Evicted),
+            tcp_refused: c(Limit::TcpConnections, Action::Refused),
+            tcp_source_refused: c(Limit::TcpConnectionsPerSource, Action::Refused),
+            tcp_idle_closed: c(Limit::TcpIdle, Action::Closed),
+            affinity_evicted: c(Limit::AffinityClients, Action::Evicted),
+            http_evicted: c(Limit::HttpConnections, Action::Evicted),
+            http_header_timeout: c(Limit::HttpHeaderTimeout, Action::Closed),
         }
     }
 

@@ -8,10 +8,14 @@
 mod args;
 mod balance;
 mod dataplane;
+mod flows;
 mod forward;
 mod frontend;
 mod health;
+mod http;
+mod limits;
 mod metrics;
+mod rlimit;
 mod splice;
 mod statics;
 mod table;
@@ -24,7 +28,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -33,8 +36,10 @@ use tracker::Tracker;
 pub use args::NodeProxyArgs;
 
 use dataplane::Dataplane;
-use frontend::Timeouts;
-use health::ProxyHealth;
+use frontend::{Caps, Timeouts};
+use health::{AdminRoutes, ProxyHealth};
+use http::{HttpLimits, HttpThread};
+use limits::{Budget, TcpLimits};
 use metrics::Metrics;
 use table::{Table, TableOptions};
 
@@ -64,17 +69,47 @@ fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
     let mut signals = Signals::new().context("installing signal handlers")?;
+    rlimit::raise_nofile();
     let metrics = Arc::new(Metrics::default());
     let proxy = Arc::new(ProxyHealth::default());
-    let admin = TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
-    tokio::spawn(health::serve_admin(
-        admin,
-        Arc::clone(&metrics),
-        Arc::clone(&proxy),
-        CancellationToken::new(),
-    ));
+    let counters = metrics.limits();
+    let http_limits = Arc::new(HttpLimits {
+        header_timeout: args.http_header_timeout,
+        max_connections: args.http_max_connections,
+        evicted: counters.http_evicted.clone(),
+        timed_out: counters.http_header_timeout.clone(),
+    });
+    let mut admin_addrs = vec![(
+        args.metrics_addr,
+        AdminRoutes::ProbesAndMetrics,
+        "--metrics-addr",
+    )];
+    if args.health_addr != args.metrics_addr {
+        admin_addrs.push((args.health_addr, AdminRoutes::Probes, "--health-addr"));
+    }
+    let http_thread = HttpThread::start().context("starting the HTTP thread")?;
+    for (addr, routes, flag) in admin_addrs {
+        let admin = http::bind(addr).with_context(|| format!("binding {flag} {addr}"))?;
+        http_thread.serve(
+            admin,
+            health::admin_app(routes, Arc::clone(&metrics), Arc::clone(&proxy)),
+            Arc::clone(&http_limits),
+            CancellationToken::new(),
+        );
+    }
+    let caps = Arc::new(Caps {
+        tcp: TcpLimits::new(
+            args.tcp_max_connections,
+            args.tcp_max_connections_per_source,
+            counters.tcp_refused.clone(),
+            counters.tcp_source_refused.clone(),
+        ),
+        udp_flows: Budget::new(args.udp_max_flows),
+        udp_flows_per_source: args.udp_max_flows_per_source,
+        tcp_idle: (!args.tcp_idle_timeout.is_zero()).then_some(args.tcp_idle_timeout),
+        affinity_max_clients: args.affinity_max_clients,
+        counters,
+    });
 
     let (table_tx, mut table_rx) = tokio::sync::watch::channel(Arc::new(Table::default()));
     if args.static_ports.is_empty() {
@@ -87,9 +122,15 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
             .context("connecting to Kubernetes")?;
         let opts = TableOptions {
             node_name: node_name.clone(),
+            service_proxy_name: args.service_proxy_name.clone(),
+            serve_unlabelled: args.serve_unlabelled,
+            load_balancer_class: args.load_balancer_class.clone(),
+            default_class: args.default_class,
             nodeport_services: args.nodeport_services,
         };
-        info!(node = %node_name, bind = %args.bind_address, "node proxy starting");
+        info!(node = %node_name, bind = %args.bind_address,
+              service_proxy_name = %args.service_proxy_name,
+              serve_unlabelled = args.serve_unlabelled, "node proxy starting");
         tokio::spawn(watch::run(client, opts, table_tx));
     } else {
         let table = statics::build(&args.static_ports)?;
@@ -113,6 +154,8 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
         Arc::clone(&metrics),
         Arc::clone(&proxy),
         timeouts,
+        caps,
+        (http_thread, http_limits),
         draining.clone(),
         tracker.clone(),
     );

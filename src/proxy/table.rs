@@ -13,6 +13,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// The label an EndpointSlice carries to name its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label that hands a Service to an alternative proxy (kube-proxy skips it); the
+/// EndpointSlice controller copies it onto the Service's slices.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 const DEFAULT_AFFINITY_SECONDS: u64 = 10_800;
 
@@ -125,8 +128,50 @@ pub struct Table {
 pub struct TableOptions {
     /// This node's name, compared with `Endpoint.nodeName` for externalTrafficPolicy Local.
     pub node_name: String,
-    /// Also serve Services of type NodePort (LoadBalancer Services are always served).
+    /// Services labelled `service.kubernetes.io/service-proxy-name` with this value are served
+    /// (LoadBalancer and NodePort ones, whatever their class).
+    pub service_proxy_name: String,
+    /// Also serve Services without that label, as selected by the next three settings.
+    pub serve_unlabelled: bool,
+    /// Unlabelled LoadBalancer Services of this `spec.loadBalancerClass` are served.
+    pub load_balancer_class: String,
+    /// Unlabelled LoadBalancer Services without a class are served too.
+    pub default_class: bool,
+    /// Unlabelled Services of type NodePort are served too.
     pub nodeport_services: bool,
+}
+
+impl TableOptions {
+    /// Whether `svc` (of type `kind`) is this proxy's to serve: labelled with its name, or,
+    /// with `serve_unlabelled`, an unlabelled one of its class (or a NodePort one when allowed).
+    /// A Service labelled for another proxy is never served.
+    fn serves(&self, svc: &Service, kind: &str) -> bool {
+        let label = svc
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+        if let Some(name) = label {
+            return *name == self.service_proxy_name && matches!(kind, "LoadBalancer" | "NodePort");
+        }
+        if !self.serve_unlabelled {
+            return false;
+        }
+        match kind {
+            "LoadBalancer" => {
+                let class = svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.load_balancer_class.as_deref());
+                match class {
+                    Some(class) => class == self.load_balancer_class,
+                    None => self.default_class,
+                }
+            }
+            "NodePort" => self.nodeport_services,
+            _ => false,
+        }
+    }
 }
 
 /// One endpoint of one Service port, with its conditions read the way kube-proxy reads them.
@@ -153,8 +198,7 @@ pub fn build(
             continue;
         };
         let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-        let served = kind == "LoadBalancer" || (opts.nodeport_services && kind == "NodePort");
-        if !served {
+        if !opts.serves(svc, kind) {
             continue;
         }
         let namespace = svc.metadata.namespace.clone().unwrap_or_default();
@@ -331,10 +375,19 @@ mod tests {
 
     const NODE: &str = "node-a";
 
+    /// A Service labelled for this proxy (`cloudlb`).
     fn svc(name: &str, spec: serde_json::Value) -> Arc<Service> {
+        svc_labelled(name, Some("cloudlb"), spec)
+    }
+
+    fn svc_labelled(name: &str, proxy: Option<&str>, spec: serde_json::Value) -> Arc<Service> {
+        let labels = match proxy {
+            Some(p) => json!({SERVICE_PROXY_NAME_LABEL: p}),
+            None => json!({}),
+        };
         Arc::new(
             serde_json::from_value(json!({
-                "metadata": {"namespace": "ns", "name": name},
+                "metadata": {"namespace": "ns", "name": name, "labels": labels},
                 "spec": spec,
             }))
             .unwrap(),
@@ -387,7 +440,9 @@ mod tests {
     fn opts() -> TableOptions {
         TableOptions {
             node_name: NODE.into(),
-            nodeport_services: false,
+            service_proxy_name: "cloudlb".into(),
+            load_balancer_class: "cloudlb.io/nlb".into(),
+            ..TableOptions::default()
         }
     }
 
@@ -530,61 +585,157 @@ mod tests {
         struct Case {
             what: &'static str,
             spec: serde_json::Value,
-            nodeport_flag: bool,
             ports: Vec<FrontendKey>,
         }
         let p = json!([{"port": 80, "nodePort": 30080}]);
         let cases = [
             Case {
-                what: "LoadBalancer always",
+                what: "LoadBalancer",
                 spec: lb(p.clone()),
-                nodeport_flag: false,
                 ports: vec![tcp(30080)],
             },
             Case {
-                what: "NodePort without the flag",
+                what: "NodePort (labelled: this proxy implements the whole Service)",
                 spec: json!({"type": "NodePort", "ports": p.clone()}),
-                nodeport_flag: false,
-                ports: vec![],
-            },
-            Case {
-                what: "NodePort with the flag",
-                spec: json!({"type": "NodePort", "ports": p.clone()}),
-                nodeport_flag: true,
                 ports: vec![tcp(30080)],
             },
             Case {
                 what: "ClusterIP never",
                 spec: json!({"type": "ClusterIP", "ports": [{"port": 80}]}),
-                nodeport_flag: true,
                 ports: vec![],
             },
             Case {
                 what: "no nodePort allocated (allocateLoadBalancerNodePorts false)",
                 spec: lb(json!([{"port": 80}])),
-                nodeport_flag: false,
                 ports: vec![],
             },
             Case {
                 what: "SCTP skipped",
                 spec: lb(json!([{"port": 80, "nodePort": 30080, "protocol": "SCTP"},
                                 {"name": "b", "port": 81, "nodePort": 30081}])),
-                nodeport_flag: false,
                 ports: vec![tcp(30081)],
             },
         ];
         for case in cases {
             let services = [svc("s", case.spec)];
-            let table = build(
-                &services,
-                &[],
-                &TableOptions {
-                    node_name: NODE.into(),
-                    nodeport_services: case.nodeport_flag,
-                },
-            );
+            let table = build(&services, &[], &opts());
             let got: Vec<_> = table.frontends.keys().copied().collect();
             assert_eq!(got, case.ports, "{}", case.what);
+        }
+    }
+
+    #[test]
+    fn only_services_for_this_proxy_are_served() {
+        struct Case {
+            what: &'static str,
+            label: Option<&'static str>,
+            spec: serde_json::Value,
+            /// serve_unlabelled, default_class, nodeport_services
+            flags: (bool, bool, bool),
+            served: bool,
+        }
+        let p = json!([{"port": 80, "nodePort": 30080}]);
+        let lb_class = |class: &str| json!({"type": "LoadBalancer", "loadBalancerClass": class, "ports": p.clone()});
+        let nodeport = json!({"type": "NodePort", "ports": p.clone()});
+        let none = (false, false, false);
+        let all = (true, true, true);
+        let cases = [
+            Case {
+                what: "labelled for this proxy",
+                label: Some("cloudlb"),
+                spec: lb(p.clone()),
+                flags: none,
+                served: true,
+            },
+            Case {
+                what: "labelled, any class",
+                label: Some("cloudlb"),
+                spec: lb_class("other.io/lb"),
+                flags: none,
+                served: true,
+            },
+            Case {
+                what: "labelled for another proxy",
+                label: Some("cilium"),
+                spec: lb(p.clone()),
+                flags: all,
+                served: false,
+            },
+            Case {
+                what: "labelled for another proxy, our class",
+                label: Some("cilium"),
+                spec: lb_class("cloudlb.io/nlb"),
+                flags: all,
+                served: false,
+            },
+            Case {
+                what: "unlabelled: kube-proxy's by default",
+                label: None,
+                spec: lb_class("cloudlb.io/nlb"),
+                flags: none,
+                served: false,
+            },
+            Case {
+                what: "unlabelled, our class, --serve-unlabelled",
+                label: None,
+                spec: lb_class("cloudlb.io/nlb"),
+                flags: (true, false, false),
+                served: true,
+            },
+            Case {
+                what: "unlabelled, another class",
+                label: None,
+                spec: lb_class("other.io/lb"),
+                flags: all,
+                served: false,
+            },
+            Case {
+                what: "unlabelled, class-less, no --default-class",
+                label: None,
+                spec: lb(p.clone()),
+                flags: (true, false, true),
+                served: false,
+            },
+            Case {
+                what: "unlabelled, class-less, --default-class",
+                label: None,
+                spec: lb(p.clone()),
+                flags: (true, true, false),
+                served: true,
+            },
+            Case {
+                what: "unlabelled NodePort without --nodeport-services",
+                label: None,
+                spec: nodeport.clone(),
+                flags: (true, true, false),
+                served: false,
+            },
+            Case {
+                what: "unlabelled NodePort with --nodeport-services",
+                label: None,
+                spec: nodeport.clone(),
+                flags: (true, false, true),
+                served: true,
+            },
+            Case {
+                what: "--nodeport-services alone does not serve unlabelled",
+                label: None,
+                spec: nodeport.clone(),
+                flags: (false, false, true),
+                served: false,
+            },
+        ];
+        for case in cases {
+            let (serve_unlabelled, default_class, nodeport_services) = case.flags;
+            let o = TableOptions {
+                serve_unlabelled,
+                default_class,
+                nodeport_services,
+                ..opts()
+            };
+            let services = [svc_labelled("s", case.label, case.spec)];
+            let table = build(&services, &[], &o);
+            assert_eq!(!table.frontends.is_empty(), case.served, "{}", case.what);
         }
     }
 

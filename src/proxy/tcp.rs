@@ -1,5 +1,7 @@
 //! The TCP frontend: accepts on a node port, picks a backend, connects and forwards. A
 //! connection keeps the backend it got; endpoint updates only change where new ones go.
+//! Connections past `--tcp-max-connections` (overall) or `--tcp-max-connections-per-source`
+//! are reset at accept; one idle for `--tcp-idle-timeout` is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +11,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::debug;
 
-use super::forward;
+use super::forward::{self, Ended};
 use super::frontend::{Lifecycle, PortState};
+use super::limits::TcpPermit;
 use super::table::Frontend;
 
 /// Connections waiting to be accepted, per listener.
@@ -47,9 +50,18 @@ pub async fn serve(
         };
         match accepted {
             Ok((client, peer)) => {
+                let permit = match port.caps.tcp.admit(peer.ip()) {
+                    Ok(permit) => permit,
+                    Err(refusal) => {
+                        // Counted by the cap; a reset tells the client at once.
+                        let _ = client.set_zero_linger();
+                        debug!(frontend = %port.key, %peer, ?refusal, "connection refused by a cap");
+                        continue;
+                    }
+                };
                 let frontend = config.borrow().clone();
                 life.tracker
-                    .spawn(handle(client, peer, frontend, Arc::clone(&port)));
+                    .spawn(handle(client, peer, frontend, Arc::clone(&port), permit));
             }
             Err(e) => {
                 // Out of file descriptors and the like: count, back off briefly, carry on.
@@ -66,6 +78,7 @@ async fn handle(
     peer: SocketAddr,
     frontend: Arc<Frontend>,
     port: Arc<PortState>,
+    _permit: TcpPermit,
 ) {
     let metrics = &port.metrics;
     let Some(backend) = connect(peer, &frontend, &port).await else {
@@ -77,14 +90,26 @@ async fn handle(
     let _ = backend.set_nodelay(true);
     metrics.connections.inc();
     let _active = super::metrics::ActiveGuard::new(&metrics.active);
-    if forward::forward(&client, &backend, &metrics.bytes_in, &metrics.bytes_out)
-        .await
-        .is_err()
+    let idle = port.caps.tcp_idle;
+    match forward::forward(
+        &client,
+        &backend,
+        &metrics.bytes_in,
+        &metrics.bytes_out,
+        idle,
+    )
+    .await
     {
-        // One side failed: reset the other too, as a NAT would pass the RST on.
-        metrics.io_errors.inc();
-        let _ = client.set_zero_linger();
-        let _ = backend.set_zero_linger();
+        Ok(Ended::Finished) => {}
+        Ok(Ended::Idle) => {
+            port.caps.counters.tcp_idle_closed.inc();
+        }
+        Err(_) => {
+            // One side failed: reset the other too, as a NAT would pass the RST on.
+            metrics.io_errors.inc();
+            let _ = client.set_zero_linger();
+            let _ = backend.set_zero_linger();
+        }
     }
 }
 

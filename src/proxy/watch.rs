@@ -1,5 +1,8 @@
 //! Keeps the table current from the cluster: reflectors over Services and EndpointSlices; after
-//! each burst of events the table is rebuilt and published only when it changed.
+//! each burst of events the table is rebuilt and published only when it changed. Unless
+//! unlabelled Services are served too, both watches select
+//! `service.kubernetes.io/service-proxy-name=<name>` on the server (the EndpointSlice controller
+//! copies a Service's labels onto its slices), as kube-proxy selects the label's absence.
 
 use std::sync::Arc;
 
@@ -13,7 +16,7 @@ use kube::{Client, Resource};
 use tokio::sync::{Notify, watch};
 use tracing::warn;
 
-use super::table::{self, Table, TableOptions};
+use super::table::{self, SERVICE_PROXY_NAME_LABEL, Table, TableOptions};
 
 /// Runs until the client fails for good (the watchers retry with backoff meanwhile). The first
 /// table is published once both caches have listed; later ones when anything changed.
@@ -21,13 +24,16 @@ pub async fn run(client: Client, opts: TableOptions, tx: watch::Sender<Arc<Table
     let changed = Arc::new(Notify::new());
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+    let config = watch_config(&opts);
     let services_feed = feed(
         Api::<Service>::all(client.clone()),
+        config.clone(),
         services_writer,
         Arc::clone(&changed),
     );
     let slices_feed = feed(
         Api::<EndpointSlice>::all(client),
+        config,
         slices_writer,
         Arc::clone(&changed),
     );
@@ -35,9 +41,27 @@ pub async fn run(client: Client, opts: TableOptions, tx: watch::Sender<Arc<Table
     tokio::join!(services_feed, slices_feed, publish);
 }
 
+/// The watches' selector: only this proxy's label, unless unlabelled Services count too (then
+/// everything, filtered by `table::build`).
+fn watch_config(opts: &TableOptions) -> watcher::Config {
+    let config = watcher::Config::default();
+    if opts.serve_unlabelled {
+        config
+    } else {
+        config.labels(&format!(
+            "{SERVICE_PROXY_NAME_LABEL}={}",
+            opts.service_proxy_name
+        ))
+    }
+}
+
 /// Drives one reflector, waking the publisher on every event.
-async fn feed<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: Arc<Notify>)
-where
+async fn feed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    changed: Arc<Notify>,
+) where
     K: Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
@@ -46,7 +70,7 @@ where
         + Sync
         + 'static,
 {
-    let stream = watcher(api, watcher::Config::default())
+    let stream = watcher(api, config)
         .default_backoff()
         .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer);

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -74,6 +74,16 @@ impl Rig {
             aws_endpoint: var("AWS_ENDPOINT_URL"),
             region: var("AWS_REGION"),
         }
+    }
+
+    /// A value of the rig's env file (`CLOUDLB_RIG_NODE`, `CLOUDLB_RIG_CONTAINERD`, …).
+    pub fn env(&self, key: &str) -> String {
+        let path = self.dir.join("env");
+        let text = std::fs::read_to_string(&path).expect("read rig env file");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {key}=")))
+            .unwrap_or_else(|| panic!("{key} missing in {}", path.display()))
+            .to_string()
     }
 
     /// A kube client with the rig's admin credential.
@@ -222,6 +232,18 @@ impl TestNamespace {
         api.create(&PostParams::default(), &ns)
             .await
             .expect("create namespace");
+        // The ServiceAccount admission plugin refuses Pods until the namespace's `default`
+        // ServiceAccount exists (the controller-manager creates it within a second), as on any
+        // real cluster.
+        let accounts: Api<ServiceAccount> = Api::namespaced(rig.client().await, &name);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while accounts.get_opt("default").await.ok().flatten().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "namespace {name}: no default ServiceAccount after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         TestNamespace { name, rig }
     }
 }
@@ -418,4 +440,25 @@ impl Drop for TestNode {
                 .kubectl_output(&["delete", "node", &self.name, "--wait=false"]);
         }
     }
+}
+
+/// Reasons of the Events recorded for object `name` in `ns` (of `kind` only, when given).
+pub fn event_reasons(rig: &Rig, ns: &str, name: &str, kind: Option<&str>) -> Vec<String> {
+    let selector = match kind {
+        Some(k) => format!("regarding.name={name},regarding.kind={k}"),
+        None => format!("regarding.name={name}"),
+    };
+    rig.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        ns,
+        "--field-selector",
+        &selector,
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
 }

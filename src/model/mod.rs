@@ -1,14 +1,30 @@
-//! The desired load balancer of one Service: a pure function of the Service, the eligible nodes
-//! (or ready pod endpoints), the parsed annotations and the cluster. No I/O here.
+//! The domain model: the vocabulary of load balancers (scheme, target type, protocols, health
+//! checks, attributes) and the desired stack of one Service, a pure function of the Service, the
+//! eligible nodes (or ready pod endpoints), the parsed annotations and the cluster. No I/O here.
+//!
+//! - [`vocabulary`]: the enums every other module speaks, with their ELBv2 spellings;
+//! - [`health`]: health-check defaults and overrides;
+//! - [`nodes`]: which nodes and endpoints become targets;
+//! - [`names`]: deterministic AWS names;
+//! - [`build`]: the desired stack, one function per piece.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use sha2::{Digest, Sha256};
+pub mod build;
+pub mod health;
+pub mod names;
+pub mod nodes;
+pub mod vocabulary;
 
-use crate::annotations::{
-    HealthCheckPort, HealthCheckProtocol, IpAddressType, LoadBalancerOptions, PortRef, Scheme,
+pub use build::desired_load_balancer;
+pub use health::{HealthCheckOverrides, HealthCheckSpec};
+pub use names::load_balancer_name;
+pub use nodes::{
+    SERVICE_NAME_LABEL, eligible_nodes, endpoint_targets, instance_id_from_provider_id, node_ready,
+    slices_of_service,
+};
+pub use vocabulary::{
+    Attributes, HealthCheckPort, HealthCheckProtocol, IpAddressType, PortRef, Protocol, Scheme,
     TargetType,
 };
 
@@ -26,36 +42,6 @@ pub mod tags {
     pub const RESOURCE: &str = "cloudlb.io/resource";
 }
 
-/// Listener and target-group protocols an NLB offers for Service ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    TcpUdp,
-    Tls,
-}
-
-impl Protocol {
-    pub fn as_aws(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::TcpUdp => "TCP_UDP",
-            Protocol::Tls => "TLS",
-        }
-    }
-
-    pub fn from_aws(s: &str) -> Option<Protocol> {
-        Some(match s {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            "TCP_UDP" => Protocol::TcpUdp,
-            "TLS" => Protocol::Tls,
-            _ => return None,
-        })
-    }
-}
-
 /// One registered target: an instance id or an IP, at a port.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Target {
@@ -63,21 +49,7 @@ pub struct Target {
     pub port: i32,
 }
 
-/// Target-group health check, fully resolved (no defaults left to AWS).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthCheckSpec {
-    pub protocol: HealthCheckProtocol,
-    /// `traffic-port` or a port number, as ELBv2 spells it.
-    pub port: String,
-    pub path: Option<String>,
-    pub interval_seconds: i32,
-    pub timeout_seconds: i32,
-    pub healthy_threshold: i32,
-    pub unhealthy_threshold: i32,
-    /// HTTP success codes (HTTP/HTTPS checks only).
-    pub success_codes: Option<String>,
-}
-
+/// One target group of the desired stack.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TargetGroupSpec {
     /// The Service port this group serves, e.g. `tcp-80`; stable across renames.
@@ -88,7 +60,7 @@ pub struct TargetGroupSpec {
     pub port: i32,
     pub target_type: TargetType,
     pub health_check: HealthCheckSpec,
-    pub attributes: BTreeMap<String, String>,
+    pub attributes: Attributes,
     pub tags: BTreeMap<String, String>,
     pub targets: BTreeSet<Target>,
 }
@@ -134,7 +106,7 @@ pub struct DesiredLoadBalancer {
     pub security_groups: Option<Vec<String>>,
     /// The managed security group, when the annotation names none.
     pub managed_security_group: Option<SecurityGroupSpec>,
-    pub attributes: BTreeMap<String, String>,
+    pub attributes: Attributes,
     pub tags: BTreeMap<String, String>,
     pub listeners: Vec<ListenerSpec>,
     pub target_groups: Vec<TargetGroupSpec>,
@@ -179,454 +151,12 @@ pub struct ClusterContext {
     pub node_proxy_health_port: Option<u16>,
 }
 
-/// Nodes that should receive traffic: Ready (unless `include_not_ready`), not excluded by label,
-/// not being removed by an autoscaler, matching `selector`, and with an EC2 instance id.
-pub fn eligible_nodes(
-    nodes: &[Node],
-    selector: &BTreeMap<String, String>,
-    include_not_ready: bool,
-) -> Vec<NodeTarget> {
-    let mut out: Vec<NodeTarget> = nodes
-        .iter()
-        .filter(|n| n.metadata.deletion_timestamp.is_none())
-        .filter(|n| {
-            let labels = n.metadata.labels.as_ref();
-            let has = |k: &str| labels.is_some_and(|l| l.contains_key(k));
-            !has("node.kubernetes.io/exclude-from-external-load-balancers")
-                && selector
-                    .iter()
-                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-        })
-        .filter(|n| {
-            let taints = n.spec.as_ref().and_then(|s| s.taints.as_ref());
-            !taints.is_some_and(|ts| {
-                ts.iter().any(|t| {
-                    t.key == "ToBeDeletedByClusterAutoscaler"
-                        || t.key == "karpenter.sh/disrupted"
-                        || t.key == "karpenter.sh/disruption"
-                })
-            })
-        })
-        .filter(|n| include_not_ready || node_ready(n))
-        .filter_map(|n| {
-            let provider = n.spec.as_ref()?.provider_id.as_deref()?;
-            Some(NodeTarget {
-                name: n.metadata.name.clone()?,
-                instance_id: instance_id_from_provider_id(provider)?.to_string(),
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
-}
-
-/// Whether the node's Ready condition is True.
-pub fn node_ready(n: &Node) -> bool {
-    n.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// `aws:///us-east-1a/i-0abc` → `i-0abc`.
-pub fn instance_id_from_provider_id(provider_id: &str) -> Option<&str> {
-    let rest = provider_id.strip_prefix("aws://")?;
-    let id = rest.rsplit('/').next()?;
-    id.starts_with("i-").then_some(id)
-}
-
-/// Ready pod addresses and their port, per Service port name (for `ip` targets).
-pub fn endpoint_targets(slices: &[EndpointSlice], port_name: &str) -> BTreeSet<Target> {
-    let mut out = BTreeSet::new();
-    for s in slices {
-        let Some(port) = s
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
-            .and_then(|p| p.port)
-        else {
-            continue;
-        };
-        for e in s.endpoints.iter().flatten() {
-            if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
-                for a in &e.addresses {
-                    out.insert(Target {
-                        id: a.clone(),
-                        port,
-                    });
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Lower-case hex SHA-256 of the parts joined by `/`, cut to `len` characters.
-fn short_hash(parts: &[&str], len: usize) -> String {
-    let mut h = Sha256::new();
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            h.update(b"/");
-        }
-        h.update(p.as_bytes());
-    }
-    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    hex[..len].to_string()
-}
-
-/// `k8s-<ns:8>-<name:8>-<hash:10>`: readable, unique per hash input, ≤ 32 characters.
-fn aws_name(namespace: &str, name: &str, hash: &str) -> String {
-    let part = |s: &str| {
-        let cut: String = s
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .take(8)
-            .collect();
-        cut.trim_matches('-').to_string()
-    };
-    format!("k8s-{}-{}-{}", part(namespace), part(name), hash)
-}
-
-/// The load balancer name a Service gets when the name annotation does not set one.
-pub fn load_balancer_name(cluster: &str, namespace: &str, name: &str) -> String {
-    aws_name(
-        namespace,
-        name,
-        &short_hash(&[cluster, namespace, name], 10),
-    )
-}
-
-/// Builds the desired load balancer for `svc`. `nodes` are the eligible nodes (instance
-/// targets); `endpoints` the Service's EndpointSlices (ip targets).
-pub fn desired_load_balancer(
-    svc: &Service,
-    opts: &LoadBalancerOptions,
-    nodes: &[NodeTarget],
-    endpoints: &[EndpointSlice],
-    cluster: &ClusterContext,
-) -> Result<DesiredLoadBalancer, ModelError> {
-    let namespace = svc
-        .metadata
-        .namespace
-        .as_deref()
-        .ok_or(ModelError::Incomplete("namespace"))?;
-    let name = svc
-        .metadata
-        .name
-        .as_deref()
-        .ok_or(ModelError::Incomplete("name"))?;
-    let uid = svc
-        .metadata
-        .uid
-        .as_deref()
-        .ok_or(ModelError::Incomplete("uid"))?;
-    let spec = svc.spec.as_ref().ok_or(ModelError::NoPorts)?;
-    let ports = spec.ports.as_deref().unwrap_or_default();
-    if ports.is_empty() {
-        return Err(ModelError::NoPorts);
-    }
-    let local = spec.external_traffic_policy.as_deref() == Some("Local");
-
-    let mut base_tags = opts.additional_tags.clone();
-    base_tags.insert(tags::CLUSTER.into(), cluster.cluster_name.clone());
-    base_tags.insert(tags::SERVICE.into(), format!("{namespace}/{name}"));
-    base_tags.insert(tags::SERVICE_UID.into(), uid.into());
-
-    // Group Service ports by port number: TCP + UDP on one number become one TCP_UDP listener.
-    struct PortGroup<'a> {
-        number: i32,
-        protocols: BTreeSet<Protocol>,
-        node_ports: BTreeSet<i32>,
-        first: &'a k8s_openapi::api::core::v1::ServicePort,
-    }
-    let mut groups: BTreeMap<i32, PortGroup> = BTreeMap::new();
-    for p in ports {
-        let proto_name = p.protocol.as_deref().unwrap_or("TCP");
-        let proto = match proto_name {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            other => return Err(ModelError::UnsupportedProtocol(other.into())),
-        };
-        let node_port = match (opts.target_type, p.node_port) {
-            (TargetType::Instance, None) => {
-                return Err(ModelError::NoNodePort {
-                    port: p.port,
-                    protocol: proto_name.into(),
-                });
-            }
-            (_, np) => np.unwrap_or(0),
-        };
-        let g = groups.entry(p.port).or_insert_with(|| PortGroup {
-            number: p.port,
-            protocols: BTreeSet::new(),
-            node_ports: BTreeSet::new(),
-            first: p,
-        });
-        g.protocols.insert(proto);
-        g.node_ports.insert(node_port);
-    }
-
-    let tls_ports: Option<Vec<i32>> = if opts.ssl_certificates.is_empty() {
-        Some(Vec::new())
-    } else {
-        match &opts.ssl_ports {
-            None => None, // all ports
-            Some(refs) => {
-                let mut out = Vec::new();
-                for r in refs {
-                    match r {
-                        PortRef::Number(n) => out.push(*n),
-                        PortRef::Name(pn) => {
-                            let p = ports
-                                .iter()
-                                .find(|p| p.name.as_deref() == Some(pn.as_str()))
-                                .ok_or_else(|| ModelError::UnknownSslPort(pn.clone()))?;
-                            out.push(p.port);
-                        }
-                    }
-                }
-                Some(out)
-            }
-        }
-    };
-
-    let mut listeners = Vec::new();
-    let mut target_groups = Vec::new();
-    for g in groups.values() {
-        let tg_protocol = if g.protocols.len() == 2 {
-            if g.node_ports.len() != 1 {
-                return Err(ModelError::MixedNodePorts(g.number));
-            }
-            Protocol::TcpUdp
-        } else if g.protocols.contains(&Protocol::Udp) {
-            Protocol::Udp
-        } else {
-            Protocol::Tcp
-        };
-        let tls = tg_protocol == Protocol::Tcp
-            && tls_ports.as_ref().is_none_or(|ps| ps.contains(&g.number));
-        let listener_protocol = if tls { Protocol::Tls } else { tg_protocol };
-        let port_key = format!(
-            "{}-{}",
-            tg_protocol.as_aws().to_ascii_lowercase().replace('_', ""),
-            g.number
-        );
-        let (target_port, targets) = match opts.target_type {
-            TargetType::Instance => {
-                let np = *g.node_ports.iter().next().unwrap_or(&0);
-                (
-                    np,
-                    nodes
-                        .iter()
-                        .map(|n| Target {
-                            id: n.instance_id.clone(),
-                            port: np,
-                        })
-                        .collect(),
-                )
-            }
-            TargetType::Ip => {
-                let port_name = g.first.name.as_deref().unwrap_or("");
-                let targets = endpoint_targets(endpoints, port_name);
-                let tp = targets.iter().next().map(|t| t.port).unwrap_or(g.number);
-                (tp, targets)
-            }
-        };
-        let health_check = health_check(
-            opts,
-            local,
-            spec.health_check_node_port,
-            cluster.node_proxy_health_port,
-        )?;
-        let tg_name = aws_name(
-            namespace,
-            name,
-            &short_hash(
-                &[
-                    &cluster.cluster_name,
-                    namespace,
-                    name,
-                    &port_key,
-                    tg_protocol.as_aws(),
-                    &target_port.to_string(),
-                    opts.target_type.as_aws(),
-                ],
-                10,
-            ),
-        );
-        let mut attributes = opts.target_group_attributes.clone();
-        if opts.proxy_protocol {
-            attributes.insert("proxy_protocol_v2.enabled".into(), "true".into());
-        }
-        let mut tg_tags = base_tags.clone();
-        tg_tags.insert(tags::PORT.into(), port_key.clone());
-        tg_tags.insert(tags::RESOURCE.into(), "targetgroup".into());
-        let mut l_tags = tg_tags.clone();
-        l_tags.insert(tags::RESOURCE.into(), "listener".into());
-        listeners.push(ListenerSpec {
-            port: g.number,
-            protocol: listener_protocol,
-            target_group: tg_name.clone(),
-            certificates: if tls {
-                opts.ssl_certificates.clone()
-            } else {
-                Vec::new()
-            },
-            tags: l_tags,
-        });
-        target_groups.push(TargetGroupSpec {
-            port_key,
-            name: tg_name,
-            protocol: tg_protocol,
-            port: target_port,
-            target_type: opts.target_type,
-            health_check,
-            attributes,
-            tags: tg_tags,
-            targets,
-        });
-    }
-
-    let lb_name = opts
-        .name
-        .clone()
-        .unwrap_or_else(|| load_balancer_name(&cluster.cluster_name, namespace, name));
-    let managed_security_group = match &opts.security_groups {
-        Some(_) => None,
-        None => {
-            let ranges: Vec<String> = match spec.load_balancer_source_ranges.as_deref() {
-                Some(r) if !r.is_empty() => r.iter().map(|c| c.trim().to_string()).collect(),
-                _ => vec!["0.0.0.0/0".to_string()],
-            };
-            let mut ingress = BTreeSet::new();
-            for l in &listeners {
-                let protocols: &[&str] = match l.protocol {
-                    Protocol::Tcp | Protocol::Tls => &["tcp"],
-                    Protocol::Udp => &["udp"],
-                    Protocol::TcpUdp => &["tcp", "udp"],
-                };
-                for p in protocols {
-                    for cidr in &ranges {
-                        ingress.insert(IngressRule {
-                            protocol: p.to_string(),
-                            port: l.port,
-                            cidr: cidr.clone(),
-                        });
-                    }
-                }
-            }
-            let mut sg_tags = base_tags.clone();
-            sg_tags.insert(tags::RESOURCE.into(), "securitygroup".into());
-            Some(SecurityGroupSpec {
-                name: lb_name.clone(),
-                ingress,
-                tags: sg_tags,
-            })
-        }
-    };
-    let mut lb_tags = base_tags;
-    lb_tags.insert(tags::RESOURCE.into(), "loadbalancer".into());
-    Ok(DesiredLoadBalancer {
-        name: lb_name,
-        managed_security_group,
-        scheme: opts.scheme,
-        ip_address_type: opts.ip_address_type,
-        subnets: opts.subnets.clone(),
-        security_groups: opts.security_groups.clone(),
-        attributes: opts.load_balancer_attributes.clone(),
-        tags: lb_tags,
-        listeners,
-        target_groups,
-    })
-}
-
-/// Health check defaults of the AWS Load Balancer Controller, overridden by annotations:
-/// TCP on the traffic port (10 s / 10 s, 3/3), or with externalTrafficPolicy Local HTTP
-/// `/healthz` on the healthCheckNodePort (10 s / 6 s, 2/2), which the node proxy answers.
-fn health_check(
-    opts: &LoadBalancerOptions,
-    local: bool,
-    hc_node_port: Option<i32>,
-    node_proxy_port: Option<u16>,
-) -> Result<HealthCheckSpec, ModelError> {
-    let o = &opts.health_check;
-    let local_instance = local && opts.target_type == TargetType::Instance;
-    let mut hc = if local_instance {
-        let port = hc_node_port.ok_or(ModelError::NoHealthCheckNodePort)?;
-        HealthCheckSpec {
-            protocol: HealthCheckProtocol::Http,
-            port: port.to_string(),
-            path: Some("/healthz".into()),
-            interval_seconds: 10,
-            timeout_seconds: 6,
-            healthy_threshold: 2,
-            unhealthy_threshold: 2,
-            success_codes: Some("200-399".into()),
-        }
-    } else if let (Some(port), TargetType::Instance) = (node_proxy_port, opts.target_type) {
-        HealthCheckSpec {
-            protocol: HealthCheckProtocol::Http,
-            port: port.to_string(),
-            path: Some("/readyz".into()),
-            interval_seconds: 10,
-            timeout_seconds: 6,
-            healthy_threshold: 2,
-            unhealthy_threshold: 2,
-            success_codes: Some("200-399".into()),
-        }
-    } else {
-        HealthCheckSpec {
-            protocol: HealthCheckProtocol::Tcp,
-            port: "traffic-port".into(),
-            path: None,
-            interval_seconds: 10,
-            timeout_seconds: 10,
-            healthy_threshold: 3,
-            unhealthy_threshold: 3,
-            success_codes: None,
-        }
-    };
-    if let Some(p) = o.protocol {
-        hc.protocol = p;
-        if p == HealthCheckProtocol::Tcp {
-            hc.path = None;
-            hc.success_codes = None;
-        } else {
-            hc.path.get_or_insert_with(|| "/".into());
-            hc.success_codes.get_or_insert_with(|| "200-399".into());
-        }
-    }
-    match o.port {
-        Some(HealthCheckPort::TrafficPort) => hc.port = "traffic-port".into(),
-        Some(HealthCheckPort::Port(n)) => hc.port = n.to_string(),
-        None => {}
-    }
-    if let Some(p) = &o.path {
-        hc.path = Some(p.clone());
-    }
-    if let Some(v) = o.interval_seconds {
-        hc.interval_seconds = v;
-    }
-    if let Some(v) = o.timeout_seconds {
-        hc.timeout_seconds = v;
-    }
-    if let Some(v) = o.healthy_threshold {
-        hc.healthy_threshold = v;
-    }
-    if let Some(v) = o.unhealthy_threshold {
-        hc.unhealthy_threshold = v;
-    }
-    if let Some(c) = &o.success_codes {
-        hc.success_codes = Some(c.clone());
-    }
-    Ok(hc)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::annotations;
+    use k8s_openapi::api::core::v1::{Node, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use serde_json::json;
 
     fn svc(spec: serde_json::Value) -> Service {

@@ -1,0 +1,355 @@
+//! Observing one Service's stack by its deterministic names: load balancer (with attributes
+//! and listeners), target groups (with health checks, attributes, targets), managed security
+//! group. Ownership is confirmed by tags; a same-named resource that is not ours is reported,
+//! never adopted.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aws_sdk_ec2 as ec2;
+
+use super::client::*;
+use super::convert::*;
+use crate::cloud::plan::{
+    ObservedListener, ObservedLoadBalancer, ObservedSecurityGroup, ObservedStack,
+    ObservedTargetGroup,
+};
+use crate::cloud::{CloudError, StackQuery};
+use crate::model::{IngressRule, IpAddressType, Protocol, Scheme, Target, tags};
+
+impl AwsCloud {
+    /// Reads everything the Service owns. Reads scale with the Service (its names), never with
+    /// the account. A same-named resource that is not ours is reported, never adopted.
+    pub async fn observe(&self, q: &StackQuery) -> Result<ObservedStack, CloudError> {
+        let mut stack = ObservedStack::default();
+        let mut seen = BTreeSet::new();
+        for name in &q.load_balancer_names {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let lb = match self.find_load_balancer(name, &q.service).await {
+                Ok(Some((lb, duplicates))) => {
+                    stack.duplicate_load_balancers.extend(duplicates);
+                    lb
+                }
+                Ok(None) => continue,
+                Err(CloudError::NotOwned { .. }) if q.skip_foreign => continue,
+                Err(e) => return Err(e),
+            };
+            if stack.load_balancer.is_none() {
+                stack.load_balancer = Some(lb);
+            }
+        }
+        let mut tg_arns: Vec<String> = Vec::new();
+        if let Some(lb) = &stack.load_balancer {
+            let arn = lb.arn.clone();
+            let res = self
+                .call(ops::DESCRIBE_TARGET_GROUPS, || {
+                    self.elb
+                        .describe_target_groups()
+                        .load_balancer_arn(&arn)
+                        .send()
+                })
+                .await;
+            match res {
+                Ok(out) => tg_arns.extend(
+                    out.target_groups()
+                        .iter()
+                        .filter_map(|t| t.target_group_arn().map(str::to_string)),
+                ),
+                // A load balancer without listeners (a crash right after CreateLoadBalancer):
+                // LocalStack answers TargetGroupNotFound where AWS answers an empty list.
+                Err(e) if not_found(&e, &["TargetGroupNotFound"]) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut found = Vec::new();
+        if !tg_arns.is_empty() {
+            let arns = tg_arns.clone();
+            let out = self
+                .call(ops::DESCRIBE_TARGET_GROUPS, || {
+                    self.elb
+                        .describe_target_groups()
+                        .set_target_group_arns(Some(arns.clone()))
+                        .send()
+                })
+                .await?;
+            found.extend(out.target_groups().to_vec());
+        }
+        for name in &q.target_group_names {
+            if found
+                .iter()
+                .any(|t| t.target_group_name() == Some(name.as_str()))
+            {
+                continue;
+            }
+            let res = self
+                .call(ops::DESCRIBE_TARGET_GROUPS, || {
+                    self.elb.describe_target_groups().names(name).send()
+                })
+                .await;
+            match res {
+                Ok(out) => found.extend(out.target_groups().to_vec()),
+                Err(e) if not_found(&e, &["TargetGroupNotFound"]) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let arns: Vec<String> = found
+            .iter()
+            .filter_map(|t| t.target_group_arn().map(str::to_string))
+            .collect();
+        let tag_map = self.tags_of(&arns).await?;
+        for tg in found {
+            let Some(arn) = tg.target_group_arn().map(str::to_string) else {
+                continue;
+            };
+            let name = tg.target_group_name().unwrap_or_default().to_string();
+            let t = tag_map.get(&arn).cloned().unwrap_or_default();
+            if !self.owner.owns(&t, &q.service) {
+                if q.target_group_names.contains(&name) && !q.skip_foreign {
+                    return Err(CloudError::NotOwned {
+                        kind: "target group",
+                        name,
+                    });
+                }
+                continue; // attached to our LB but not ours: never touched
+            }
+            stack.target_groups.push(ObservedTargetGroup {
+                health_check: observed_health_check(&tg),
+                protocol: tg.protocol().and_then(|p| Protocol::from_aws(p.as_str())),
+                port: tg.port().unwrap_or_default(),
+                attributes: self.target_group_attributes(&arn).await?,
+                targets: self.targets_of(&arn).await?,
+                tags: t,
+                name,
+                arn,
+            });
+        }
+        stack.security_group = self
+            .find_security_group(&q.load_balancer_names, &q.service)
+            .await?;
+        Ok(stack)
+    }
+
+    /// The managed security group: named like the load balancer, tagged for this Service.
+    pub(super) async fn find_security_group(
+        &self,
+        names: &[String],
+        service: &str,
+    ) -> Result<Option<ObservedSecurityGroup>, CloudError> {
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let filters = vec![
+            ec2::types::Filter::builder()
+                .name("group-name")
+                .set_values(Some(names.to_vec()))
+                .build(),
+            ec2::types::Filter::builder()
+                .name(format!("tag:{}", tags::CLUSTER))
+                .values(&self.owner.cluster)
+                .build(),
+            ec2::types::Filter::builder()
+                .name(format!("tag:{}", tags::SERVICE))
+                .values(service)
+                .build(),
+        ];
+        let out = self
+            .call(ops::DESCRIBE_SECURITY_GROUPS, || {
+                self.ec2
+                    .describe_security_groups()
+                    .set_filters(Some(filters.clone()))
+                    .send()
+            })
+            .await?;
+        let Some(g) = out.security_groups().first() else {
+            return Ok(None);
+        };
+        let mut ingress = BTreeSet::new();
+        for p in g.ip_permissions() {
+            let protocol = p.ip_protocol().unwrap_or_default().to_string();
+            let port = p.from_port().unwrap_or_default();
+            for r in p.ip_ranges() {
+                if let Some(c) = r.cidr_ip() {
+                    ingress.insert(IngressRule {
+                        protocol: protocol.clone(),
+                        port,
+                        cidr: c.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(Some(ObservedSecurityGroup {
+            id: g.group_id().unwrap_or_default().to_string(),
+            name: g.group_name().unwrap_or_default().to_string(),
+            ingress,
+            tags: g
+                .tags()
+                .iter()
+                .map(|t| (t.key(), t.value()))
+                .collect::<KeyValues>()
+                .0,
+        }))
+    }
+
+    pub(super) async fn find_load_balancer(
+        &self,
+        name: &str,
+        service: &str,
+    ) -> Result<Option<(ObservedLoadBalancer, Vec<(String, String)>)>, CloudError> {
+        let res = self
+            .call(ops::DESCRIBE_LOAD_BALANCERS, || {
+                self.elb.describe_load_balancers().names(name).send()
+            })
+            .await;
+        let out = match res {
+            Ok(o) => o,
+            Err(e) if not_found(&e, &["LoadBalancerNotFound"]) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(lb) = out.load_balancers().first() else {
+            return Ok(None);
+        };
+        let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+        let all_arns: Vec<String> = out
+            .load_balancers()
+            .iter()
+            .filter_map(|l| l.load_balancer_arn().map(str::to_string))
+            .collect();
+        let mut tag_map = self.tags_of(&all_arns).await?;
+        let t = tag_map.remove(&arn).unwrap_or_default();
+        // More than one under one name happens only on LocalStack (see ObservedStack).
+        let duplicates: Vec<(String, String)> = all_arns
+            .iter()
+            .filter(|a| **a != arn)
+            .filter(|a| tag_map.get(*a).is_some_and(|t| self.owner.owns(t, service)))
+            .map(|a| (a.clone(), name.to_string()))
+            .collect();
+        if !self.owner.owns(&t, service) {
+            return Err(CloudError::NotOwned {
+                kind: "load balancer",
+                name: name.to_string(),
+            });
+        }
+        let attrs = self
+            .call(ops::DESCRIBE_LOAD_BALANCER_ATTRIBUTES, || {
+                self.elb
+                    .describe_load_balancer_attributes()
+                    .load_balancer_arn(&arn)
+                    .send()
+            })
+            .await?;
+        let listeners = self
+            .call(ops::DESCRIBE_LISTENERS, || {
+                self.elb.describe_listeners().load_balancer_arn(&arn).send()
+            })
+            .await?;
+        let observed = ObservedLoadBalancer {
+            name: lb.load_balancer_name().unwrap_or_default().to_string(),
+            dns_name: lb.dns_name().unwrap_or_default().to_string(),
+            scheme: lb.scheme().and_then(|s| Scheme::from_aws(s.as_str())),
+            ip_address_type: match lb.ip_address_type() {
+                Some(t) => IpAddressType::from_aws(t.as_str()),
+                None => Some(IpAddressType::Ipv4),
+            },
+            attributes: attrs
+                .attributes()
+                .iter()
+                .map(|a| (a.key(), a.value()))
+                .collect::<KeyValues>()
+                .0,
+            tags: t,
+            security_groups: lb.security_groups().to_vec(),
+            listeners: listeners
+                .listeners()
+                .iter()
+                .map(|l| ObservedListener {
+                    arn: l.listener_arn().unwrap_or_default().to_string(),
+                    port: l.port().unwrap_or_default(),
+                    protocol: l.protocol().and_then(|p| Protocol::from_aws(p.as_str())),
+                    target_group_arn: l
+                        .default_actions()
+                        .iter()
+                        .find_map(|a| a.target_group_arn().map(str::to_string)),
+                    certificates: l
+                        .certificates()
+                        .iter()
+                        .filter_map(|c| c.certificate_arn().map(str::to_string))
+                        .collect(),
+                })
+                .collect(),
+            arn,
+        };
+        Ok(Some((observed, duplicates)))
+    }
+
+    /// Tags of up to any number of ELBv2 resources (DescribeTags takes 20 at a time).
+    pub async fn tags_of(
+        &self,
+        arns: &[String],
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, CloudError> {
+        let mut out = BTreeMap::new();
+        for chunk in arns.chunks(20) {
+            let chunk = chunk.to_vec();
+            let res = self
+                .call(ops::DESCRIBE_TAGS, || {
+                    self.elb
+                        .describe_tags()
+                        .set_resource_arns(Some(chunk.clone()))
+                        .send()
+                })
+                .await?;
+            for d in res.tag_descriptions() {
+                let t = d
+                    .tags()
+                    .iter()
+                    .map(|t| (t.key(), t.value()))
+                    .collect::<KeyValues>()
+                    .0;
+                out.insert(d.resource_arn().unwrap_or_default().to_string(), t);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn target_group_attributes(
+        &self,
+        arn: &str,
+    ) -> Result<BTreeMap<String, String>, CloudError> {
+        let out = self
+            .call(ops::DESCRIBE_TARGET_GROUP_ATTRIBUTES, || {
+                self.elb
+                    .describe_target_group_attributes()
+                    .target_group_arn(arn)
+                    .send()
+            })
+            .await?;
+        Ok(out
+            .attributes()
+            .iter()
+            .map(|a| (a.key(), a.value()))
+            .collect::<KeyValues>()
+            .0)
+    }
+
+    pub(super) async fn targets_of(&self, arn: &str) -> Result<BTreeSet<Target>, CloudError> {
+        let out = self
+            .call(ops::DESCRIBE_TARGET_HEALTH, || {
+                self.elb
+                    .describe_target_health()
+                    .target_group_arn(arn)
+                    .send()
+            })
+            .await?;
+        Ok(out
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|d| {
+                let t = d.target()?;
+                Some(Target {
+                    id: t.id()?.to_string(),
+                    port: t.port().unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+}

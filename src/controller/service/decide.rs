@@ -1,0 +1,345 @@
+//! The pure half of a Service reconcile: from what the controller sees (the Service, the node
+//! and EndpointSlice caches, its memory of the last sync) to what to do next. No I/O: the
+//! reconcile and `cloudlb plan` both call [`decide`], then observe and plan what it asks for.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::{Resource, ResourceExt};
+
+use super::super::ClusterArgs;
+use super::super::status::{current_hostname, has_finalizer};
+use crate::annotations::{self, LoadBalancerOptions};
+use crate::cloud::StackQuery;
+use crate::model::{self, DesiredLoadBalancer, ModelError, TargetType};
+
+/// What was last applied for a Service, so an unchanged Service costs no AWS call until the
+/// periodic drift check.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub desired_hash: u64,
+    pub hostname: Option<String>,
+    pub at: Instant,
+}
+
+/// Everything a reconcile of one Service looks at before it calls anything.
+pub struct View<'a> {
+    pub svc: &'a Service,
+    pub cluster: &'a ClusterArgs,
+    /// This controller's finalizer.
+    pub finalizer: &'a str,
+    pub nodes: &'a [Arc<Node>],
+    /// Every EndpointSlice (the Service's own are picked here).
+    pub slices: &'a [Arc<EndpointSlice>],
+    /// Target groups earlier, unfinished plans created for this Service.
+    pub pending_target_groups: BTreeSet<String>,
+    /// The last full sync (`None` for `cloudlb plan`, which has no memory).
+    pub applied: Option<Applied>,
+    pub resync: Duration,
+    pub now: Instant,
+}
+
+/// What a reconcile does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Not ours and nothing of ours on it: nothing to do until it changes.
+    Ignore,
+    /// Bad input: a Warning Event and a status condition, no cloud call.
+    Invalid {
+        reason: &'static str,
+        message: String,
+    },
+    /// Same desired state as the last sync, within the resync period: no cloud call.
+    UpToDate,
+    /// Observe what `query` names, plan towards `desired`, deploy.
+    Sync {
+        desired: Box<DesiredLoadBalancer>,
+        desired_hash: u64,
+        query: StackQuery,
+    },
+    /// Delete everything `query` finds, then the finalizer.
+    Teardown { query: StackQuery, still_ours: bool },
+}
+
+/// Whether the Service is one this controller serves right now.
+pub fn is_ours(svc: &Service, cluster: &ClusterArgs) -> bool {
+    let Some(spec) = svc.spec.as_ref() else {
+        return false;
+    };
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return false;
+    }
+    match spec.load_balancer_class.as_deref() {
+        Some(c) => c == cluster.load_balancer_class,
+        None => cluster.default_class,
+    }
+}
+
+/// Whether the Service names a load balancer class other than ours.
+fn foreign_class(svc: &Service, cluster: &ClusterArgs) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_class.as_deref())
+        .is_some_and(|c| c != cluster.load_balancer_class)
+}
+
+/// Whether the Service asks for ip targets (then its EndpointSlices matter).
+pub fn uses_ip_targets(svc: &Service) -> bool {
+    annotations::parse(svc.annotations()).is_ok_and(|o| o.target_type == TargetType::Ip)
+}
+
+/// The decision; see [`Next`].
+pub fn decide(v: &View) -> Next {
+    let svc = v.svc;
+    if foreign_class(svc, v.cluster) {
+        // loadBalancerClass is immutable while the type is LoadBalancer: a Service of another
+        // class never was ours, whatever finalizers it carries.
+        return Next::Ignore;
+    }
+    let ours = is_ours(svc, v.cluster);
+    if !ours || svc.meta().deletion_timestamp.is_some() {
+        if !has_finalizer(svc, v.finalizer) {
+            return Next::Ignore;
+        }
+        return Next::Teardown {
+            query: teardown_query(v),
+            still_ours: ours,
+        };
+    }
+    let opts = match annotations::parse(svc.annotations()) {
+        Ok(o) => o,
+        Err(errs) => {
+            let message = errs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Next::Invalid {
+                reason: "InvalidAnnotation",
+                message,
+            };
+        }
+    };
+    let desired = match desire(v, &opts) {
+        Ok(d) => d,
+        Err(e) => {
+            return Next::Invalid {
+                reason: "InvalidService",
+                message: e.to_string(),
+            };
+        }
+    };
+    let desired_hash = hash_of(&desired);
+    if let Some(a) = &v.applied {
+        if a.desired_hash == desired_hash
+            && v.now.saturating_duration_since(a.at) < v.resync
+            && a.hostname.as_deref() == current_hostname(svc)
+            && has_finalizer(svc, v.finalizer)
+        {
+            return Next::UpToDate;
+        }
+    }
+    let mut query = query(svc, Some(&desired), &opts, &v.cluster.cluster_name);
+    with_pending(&mut query, &v.pending_target_groups);
+    Next::Sync {
+        desired: Box::new(desired),
+        desired_hash,
+        query,
+    }
+}
+
+/// The desired load balancer from the Service and the caches.
+pub fn desire(v: &View, opts: &LoadBalancerOptions) -> Result<DesiredLoadBalancer, ModelError> {
+    let eligible = model::eligible_nodes(
+        v.nodes,
+        &node_selector(v.cluster, opts),
+        v.cluster.keep_not_ready_nodes,
+    );
+    let slices = if opts.target_type == TargetType::Ip {
+        model::slices_of_service(
+            v.slices,
+            &v.svc.namespace().unwrap_or_default(),
+            &v.svc.name_any(),
+        )
+    } else {
+        Vec::new()
+    };
+    model::desired_load_balancer(v.svc, opts, &eligible, &slices, &v.cluster.context())
+}
+
+/// What a teardown looks at: the load balancer names a sync would (and the default one), the
+/// target groups the Service would want if it can still be modelled, and pending ones.
+fn teardown_query(v: &View) -> StackQuery {
+    let opts = annotations::parse(v.svc.annotations()).unwrap_or_default();
+    let mut q = query(v.svc, None, &opts, &v.cluster.cluster_name);
+    if let Ok(d) = desire(v, &opts) {
+        q.target_group_names = d.target_groups.iter().map(|t| t.name.clone()).collect();
+    }
+    with_pending(&mut q, &v.pending_target_groups);
+    q
+}
+
+/// What a reconcile of `svc` would look at: load balancer names and target group names
+/// (besides the target groups of that load balancer). `None` when the Service cannot be
+/// modelled (bad annotations): then nothing of it can be judged unreachable.
+pub fn reachable_names(v: &View) -> Option<(Vec<String>, Vec<String>)> {
+    let opts = annotations::parse(v.svc.annotations()).ok()?;
+    let desired = desire(v, &opts).ok()?;
+    let q = query(v.svc, Some(&desired), &opts, &v.cluster.cluster_name);
+    Some((q.load_balancer_names, q.target_group_names))
+}
+
+/// The controller-wide node selector plus the Service's target-node-labels.
+pub fn node_selector(
+    cluster: &ClusterArgs,
+    opts: &LoadBalancerOptions,
+) -> BTreeMap<String, String> {
+    let mut sel = cluster.node_selector.clone();
+    sel.extend(opts.target_node_labels.clone());
+    sel
+}
+
+/// Names to look for: the desired ones plus the load balancer behind the current hostname
+/// (which differs after the name annotation changed).
+fn query(
+    svc: &Service,
+    desired: Option<&DesiredLoadBalancer>,
+    opts: &LoadBalancerOptions,
+    cluster_name: &str,
+) -> StackQuery {
+    let ns = svc.namespace().unwrap_or_default();
+    let name = svc.name_any();
+    let mut lb_names = Vec::new();
+    match desired {
+        Some(d) => lb_names.push(d.name.clone()),
+        None => lb_names.push(
+            opts.name
+                .clone()
+                .unwrap_or_else(|| model::load_balancer_name(cluster_name, &ns, &name)),
+        ),
+    }
+    if let Some(from_host) = current_hostname(svc).and_then(name_from_hostname) {
+        lb_names.push(from_host);
+    }
+    if desired.is_none() {
+        // Teardown after annotations went bad: the default name is still worth a look.
+        lb_names.push(model::load_balancer_name(cluster_name, &ns, &name));
+    }
+    StackQuery {
+        service: format!("{ns}/{name}"),
+        load_balancer_names: lb_names,
+        target_group_names: desired
+            .map(|d| d.target_groups.iter().map(|t| t.name.clone()).collect())
+            .unwrap_or_default(),
+        skip_foreign: desired.is_none(),
+    }
+}
+
+/// Adds the target groups earlier, unfinished plans created to what `q` looks for.
+fn with_pending(q: &mut StackQuery, pending: &BTreeSet<String>) {
+    for name in pending {
+        if !q.target_group_names.contains(name) {
+            q.target_group_names.push(name.clone());
+        }
+    }
+}
+
+/// `k8s-shop-web-0123456789-abcdef.elb.us-east-1.amazonaws.com` (AWS) or
+/// `k8s-shop-web-0123456789-1.us-east-1.elb.amazonaws.com` (LocalStack) → the name before the
+/// final `-suffix` of the first label.
+pub fn name_from_hostname(host: &str) -> Option<String> {
+    let first = host.split('.').next()?;
+    let first = first.strip_prefix("internal-").unwrap_or(first);
+    let (name, _) = first.rsplit_once('-')?;
+    (!name.is_empty() && name.len() <= 32).then(|| name.to_string())
+}
+
+fn hash_of(d: &DesiredLoadBalancer) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{d:?}").hash(&mut h);
+    h.finish()
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(default_class: bool) -> ClusterArgs {
+        ClusterArgs {
+            cluster_name: "c".into(),
+            load_balancer_class: "cloudlb.io/nlb".into(),
+            default_class,
+            region: None,
+            keep_not_ready_nodes: false,
+            node_proxy_health_port: None,
+            node_selector: BTreeMap::new(),
+        }
+    }
+
+    fn svc(type_: &str, class: Option<&str>) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s", "namespace": "n"},
+            "spec": {"type": type_, "loadBalancerClass": class}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn ownership_by_type_and_class() {
+        let cases = [
+            ("LoadBalancer", Some("cloudlb.io/nlb"), false, true),
+            ("LoadBalancer", Some("other.io/lb"), true, false),
+            ("LoadBalancer", None, false, false),
+            ("LoadBalancer", None, true, true),
+            ("NodePort", Some("cloudlb.io/nlb"), true, false),
+            ("ClusterIP", None, true, false),
+        ];
+        for (t, class, default, want) in cases {
+            assert_eq!(
+                is_ours(&svc(t, class), &cluster(default)),
+                want,
+                "{t} {class:?} default={default}"
+            );
+        }
+    }
+
+    #[test]
+    fn finalizer_per_class() {
+        use crate::controller::finalizer_for;
+        assert_eq!(
+            finalizer_for("cloudlb.io/nlb"),
+            "cloudlb.io/load-balancer-cleanup"
+        );
+        assert_eq!(
+            finalizer_for("cloudlb.io/internal"),
+            "cloudlb.io/cleanup-cloudlb.io-internal"
+        );
+        let long = finalizer_for(&format!("example.com/{}", "x".repeat(100)));
+        assert!(long.len() - "cloudlb.io/".len() <= 63, "{long}");
+    }
+
+    #[test]
+    fn load_balancer_name_from_hostname() {
+        let cases = [
+            (
+                "k8s-shop-web-0123456789-1.us-east-1.elb.amazonaws.com",
+                Some("k8s-shop-web-0123456789"),
+            ),
+            (
+                "k8s-shop-web-0123456789-abcdef0123.elb.us-east-1.amazonaws.com",
+                Some("k8s-shop-web-0123456789"),
+            ),
+            (
+                "internal-custom-1.us-east-1.elb.amazonaws.com",
+                Some("custom"),
+            ),
+            ("nodash.example.com", None),
+        ];
+        for (host, want) in cases {
+            assert_eq!(name_from_hostname(host).as_deref(), want, "{host}");
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Reconcile of one Service: [`decide`] what to do from the Service and the caches (pure), then
+//! do it: finalizer, observe, plan, `cloud.deploy(plan)`, status and Events. Teardown when it
+//! stops being ours. `cloudlb plan` runs the same [`dry_run`] without the writes.
+
+pub mod decide;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::events::Note;
+use super::memory::{Failures, NameSets, PerObject, backoff};
+use super::writes::normal;
+use super::{Context, status};
+use crate::cloud::plan::Change;
+use crate::cloud::{Cloud, CloudError, Plan, StackQuery};
+use crate::model::DesiredLoadBalancer;
+pub use decide::{
+    Applied, Next, View, decide, is_ours, name_from_hostname, node_selector, uses_ip_targets,
+};
+
+/// Why a reconcile failed; all are retried with backoff, and reported as Events.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Cloud(#[from] CloudError),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// The Service controller's per-Service memory.
+#[derive(Default)]
+pub struct Memory {
+    /// The hash of the last desired state fully applied, and when.
+    pub applied: PerObject<ObjectRef<Service>, Applied>,
+    /// Consecutive failures (for the 5 s → 300 s backoff).
+    pub failures: Failures<ObjectRef<Service>>,
+    /// Target groups a plan created that a later reconcile might not find by the desired
+    /// names or the load balancer (the plan failed before their listener was made and the
+    /// Service changed meanwhile). Observed until a plan completes.
+    pub pending_target_groups: NameSets<ObjectRef<Service>>,
+}
+
+impl Memory {
+    /// Services with a load balancer in status, for the managed-load-balancers gauge.
+    pub fn managed(&self) -> i64 {
+        self.applied.count(|a| a.hostname.is_some()) as i64
+    }
+
+    /// Forgets a Service entirely (deleted, or force-deleted without a teardown).
+    pub fn forget(&self, key: &ObjectRef<Service>) {
+        self.applied.remove(key);
+        self.failures.clear(key);
+        self.pending_target_groups.remove(key);
+    }
+
+    /// Forgets every Service `live` rejects (after a relist: deletes missed while the watch
+    /// was down never come as events).
+    pub fn retain(&self, live: impl Fn(&ObjectRef<Service>) -> bool) {
+        self.applied.retain(&live);
+        self.failures.retain(&live);
+        self.pending_target_groups.retain(&live);
+    }
+}
+
+/// The entry point kube-runtime calls per Service key.
+pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+    let span = info_span!("reconcile", service = %key);
+    let started = Instant::now();
+    let res = reconcile_inner(&svc, &ctx).instrument(span).await;
+    ctx.metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let result = if res.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&crate::metrics::ResultLabels { result })
+        .inc();
+    if res.is_ok() {
+        ctx.services_memory
+            .failures
+            .clear(&ObjectRef::from_obj(&*svc));
+    }
+    res
+}
+
+/// Requeue delay after consecutive failures: 5 s doubling to 300 s (the service controller's).
+pub fn error_policy(svc: Arc<Service>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
+    let n = ctx
+        .services_memory
+        .failures
+        .record(ObjectRef::from_obj(&*svc));
+    let delay = backoff(n);
+    warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The view of `svc` from the controller's caches and memory.
+fn with_view<T>(svc: &Service, ctx: &Context, f: impl FnOnce(&View) -> T) -> T {
+    let key = ObjectRef::from_obj(svc);
+    let nodes = ctx.nodes.state();
+    let slices = ctx.slices.state();
+    let view = View {
+        svc,
+        cluster: &ctx.cluster,
+        finalizer: &ctx.finalizer,
+        nodes: &nodes,
+        slices: &slices,
+        pending_target_groups: ctx
+            .services_memory
+            .pending_target_groups
+            .get(&key)
+            .unwrap_or_default(),
+        applied: ctx.services_memory.applied.get(&key),
+        resync: ctx.resync,
+        now: Instant::now(),
+    };
+    f(&view)
+}
+
+/// What a reconcile of `svc` would look at (for the orphan sweep); see
+/// [`decide::reachable_names`].
+pub fn reachable_names(svc: &Service, ctx: &Context) -> Option<(Vec<String>, Vec<String>)> {
+    with_view(svc, ctx, decide::reachable_names)
+}
+
+async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, ReconcileError> {
+    if !ctx.is_leader() {
+        // A standby: the lease's winner reconciles everything when it takes over.
+        return Ok(Action::await_change());
+    }
+    if !ctx.stores_synced() {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    match with_view(svc, ctx, decide) {
+        Next::Ignore => Ok(Action::await_change()),
+        Next::Invalid { reason, message } => invalid(svc, ctx, reason, &message).await,
+        Next::UpToDate => Ok(Action::requeue(ctx.resync)),
+        Next::Sync {
+            desired,
+            desired_hash,
+            query,
+        } => sync(svc, ctx, *desired, desired_hash, &query).await,
+        Next::Teardown { query, still_ours } => {
+            cleanup(svc, ctx, &query, still_ours).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Brings the cloud to `desired`: finalizer first, then observe, plan, deploy, status.
+async fn sync(
+    svc: &Service,
+    ctx: &Context,
+    desired: DesiredLoadBalancer,
+    desired_hash: u64,
+    query: &StackQuery,
+) -> Result<Action, ReconcileError> {
+    let key = ObjectRef::from_obj(svc);
+    ctx.writes.add_finalizer(svc, &ctx.finalizer).await?;
+    let observed = match ctx.cloud.observe(query).await {
+        Ok(o) => o,
+        Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
+    };
+    let name = desired.name.clone();
+    let plan = Plan::new(Some(desired), observed);
+    let hostname = if plan.changes.is_empty() {
+        plan.observed
+            .load_balancer
+            .as_ref()
+            .map(|l| l.dns_name.clone())
+    } else {
+        let creating = plan.observed.load_balancer.is_none();
+        if creating {
+            let note = normal("EnsuringLoadBalancer", "Ensuring load balancer");
+            ctx.writes.event(svc, note).await;
+        }
+        remember_created(&plan.changes, ctx, &key);
+        let deployed = match ctx.cloud.deploy(&plan).await {
+            Ok(d) => d,
+            Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
+        };
+        let summary = summarize(&plan.changes);
+        let note = if creating {
+            normal(
+                "EnsuredLoadBalancer",
+                format!("Ensured load balancer {name}"),
+            )
+        } else {
+            normal(
+                "UpdatedLoadBalancer",
+                format!("Updated load balancer {name}: {summary}"),
+            )
+        };
+        ctx.writes.event(svc, note).await;
+        info!(changes = plan.changes.len(), %summary, "load balancer synced");
+        deployed.dns_name
+    };
+    // The stack matches the plan: every target group a plan created is attached, and every
+    // observed one it did not want is gone.
+    ctx.services_memory.pending_target_groups.remove(&key);
+    ctx.writes
+        .update_status(
+            svc,
+            status::Update {
+                hostname: hostname.as_deref(),
+                synced: true,
+                reason: "Synced",
+                message: "load balancer matches the Service",
+            },
+        )
+        .await?;
+    ctx.services_memory.applied.insert(
+        key,
+        Applied {
+            desired_hash,
+            hostname,
+            at: Instant::now(),
+        },
+    );
+    ctx.metrics
+        .managed_load_balancers
+        .set(ctx.services_memory.managed());
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// A Warning Event with AWS's message; the error goes on to the backoff.
+async fn sync_failed(svc: &Service, ctx: &Context, e: CloudError) -> CloudError {
+    let note = format!(
+        "Error syncing load balancer: {e}{}",
+        if e.is_transient() {
+            " (will retry)"
+        } else {
+            ""
+        }
+    );
+    ctx.writes
+        .event(svc, Note::warning("SyncLoadBalancerFailed", "Sync", note))
+        .await;
+    e
+}
+
+/// Bad input: status condition, and a Warning when that condition is new. No cloud change.
+async fn invalid(
+    svc: &Service,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+) -> Result<Action, ReconcileError> {
+    let changed = ctx
+        .writes
+        .update_status(
+            svc,
+            status::Update {
+                hostname: status::current_hostname(svc),
+                synced: false,
+                reason,
+                message,
+            },
+        )
+        .await?;
+    if changed {
+        warn!(%reason, %message, "service cannot be reconciled; no cloud change made");
+        let note = Note::warning(
+            "SyncLoadBalancerFailed",
+            "SyncLoadBalancerFailed",
+            format!("{reason}: {message}"),
+        );
+        ctx.writes.event(svc, note).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// Deletes everything the Service owns, then its status and finalizer.
+async fn cleanup(
+    svc: &Service,
+    ctx: &Context,
+    query: &StackQuery,
+    still_ours: bool,
+) -> Result<(), ReconcileError> {
+    let key = ObjectRef::from_obj(svc);
+    let observed = match ctx.cloud.observe(query).await {
+        Ok(o) => o,
+        Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
+    };
+    let plan = Plan::new(None, observed);
+    if !plan.changes.is_empty() {
+        let note = normal("DeletingLoadBalancer", "Deleting load balancer");
+        ctx.writes.event(svc, note).await;
+        if let Err(e) = ctx.cloud.deploy(&plan).await {
+            return Err(sync_failed(svc, ctx, e).await.into());
+        }
+        let note = normal("DeletedLoadBalancer", "Deleted load balancer");
+        ctx.writes.event(svc, note).await;
+        info!(service = %query.service, changes = plan.changes.len(), "load balancer deleted");
+    }
+    if svc.metadata.deletion_timestamp.is_none() && !still_ours {
+        ctx.writes.clear_status(svc).await?;
+    }
+    ctx.services_memory.pending_target_groups.remove(&key);
+    ctx.writes.remove_finalizer(svc, &ctx.finalizer).await?;
+    ctx.services_memory.forget(&key);
+    ctx.metrics
+        .managed_load_balancers
+        .set(ctx.services_memory.managed());
+    Ok(())
+}
+
+/// Notes, before applying, the target groups `changes` will create: if the plan stops half
+/// way and the Service then changes, the next reconcile still finds (and deletes) them.
+fn remember_created(changes: &[Change], ctx: &Context, key: &ObjectRef<Service>) {
+    let created: BTreeSet<String> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::CreateTargetGroup(tg) => Some(tg.name.clone()),
+            _ => None,
+        })
+        .collect();
+    if !created.is_empty() {
+        ctx.services_memory
+            .pending_target_groups
+            .update(key.clone(), |p| p.extend(created));
+    }
+}
+
+fn summarize(changes: &[Change]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in changes {
+        *counts.entry(c.kind()).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(k, n)| format!("{k}×{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What `cloudlb plan` reports for one Service.
+#[derive(Debug)]
+pub enum DryRun {
+    /// Not ours and nothing to tear down.
+    Ignore,
+    /// Bad input: the reason and message a reconcile would report.
+    Invalid(String),
+    /// Nothing changed since the last sync (never for `cloudlb plan`, which has no memory).
+    UpToDate,
+    /// The plan a reconcile would deploy.
+    Plan(Box<Plan>),
+}
+
+/// The same decision and plan as a reconcile, without any write.
+pub async fn dry_run(view: &View<'_>, cloud: &dyn Cloud) -> Result<DryRun, CloudError> {
+    let (desired, query) = match decide(view) {
+        Next::Ignore => return Ok(DryRun::Ignore),
+        Next::Invalid { reason, message } => {
+            return Ok(DryRun::Invalid(format!("{reason}: {message}")));
+        }
+        Next::UpToDate => return Ok(DryRun::UpToDate),
+        Next::Sync { desired, query, .. } => (Some(*desired), query),
+        Next::Teardown { query, .. } => (None, query),
+    };
+    let observed = cloud.observe(&query).await?;
+    Ok(DryRun::Plan(Box::new(Plan::new(desired, observed))))
+}

@@ -1,0 +1,164 @@
+//! The reconcile's rules on the in-memory cloud: finalizer first, no call when nothing
+//! changed, failures warned and backed off, teardown before the finalizer goes, plan = deploy,
+//! and the managed-load-balancers gauge.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+
+use super::*;
+use crate::controller::testing::{World, deleting, lb_service};
+
+async fn run(w: &World, svc: &Service) -> Result<Action, ReconcileError> {
+    reconcile(Arc::new(svc.clone()), w.ctx.clone()).await
+}
+
+#[tokio::test]
+async fn the_finalizer_is_added_before_the_first_cloud_call() {
+    let w = World::new(2);
+    let svc = lb_service("shop", "web", 30080);
+    run(&w, &svc).await.unwrap();
+    let log = w.journal.entries();
+    let finalizer = log.iter().position(|e| e == "kube:add-finalizer");
+    let first_cloud = log.iter().position(|e| e.starts_with("cloud:"));
+    assert!(
+        finalizer.is_some() && finalizer < first_cloud,
+        "finalizer first: {log:#?}"
+    );
+    assert_eq!(w.cloud.resources_of("shop/web"), 3, "{log:#?}");
+    assert!(
+        log.iter()
+            .any(|e| e.starts_with("kube:status Synced k8s-shop-web-")),
+        "{log:#?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unchanged_service_makes_no_cloud_call() {
+    let w = World::new(2);
+    let svc = lb_service("shop", "web", 30080);
+    run(&w, &svc).await.unwrap();
+    let now = w.writes.current(&svc);
+    w.journal.clear();
+    assert_eq!(run(&w, &now).await.unwrap(), Action::requeue(w.ctx.resync));
+    assert_eq!(w.journal.entries(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_failed_deploy_warns_and_requeues_with_growing_backoff() {
+    let w = World::new(1);
+    let svc = Arc::new(lb_service("shop", "web", 30080));
+    w.cloud.fail_next_deploys(3);
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+        delays.push(error_policy(svc.clone(), &err, w.ctx.clone()));
+    }
+    let warnings = w
+        .journal
+        .with_prefix("kube:event Warning SyncLoadBalancerFailed");
+    assert_eq!(warnings.len(), 3, "{:#?}", w.journal.entries());
+    assert!(warnings[0].contains("injected failure 1"), "{warnings:?}");
+    assert_eq!(
+        delays,
+        [5, 10, 20].map(|s| Action::requeue(Duration::from_secs(s)))
+    );
+    let err = reconcile(svc.clone(), w.ctx.clone()).await;
+    assert!(err.is_ok(), "the fourth deploy succeeds");
+    assert_eq!(w.cloud.resources_of("shop/web"), 3);
+    assert!(w.ctx.services_memory.failures.is_empty(), "success clears");
+}
+
+#[tokio::test]
+async fn teardown_removes_the_finalizer_only_after_the_cloud_holds_nothing() {
+    let w = World::new(2);
+    let svc = lb_service("shop", "web", 30080);
+    run(&w, &svc).await.unwrap();
+    let gone = deleting(&w.writes.current(&svc));
+    w.cloud.fail_next_deploys(1);
+    w.journal.clear();
+    assert!(run(&w, &gone).await.is_err());
+    assert!(w.journal.with_prefix("kube:remove-finalizer").is_empty());
+    assert_eq!(w.cloud.resources_of("shop/web"), 3);
+
+    w.journal.clear();
+    run(&w, &gone).await.unwrap();
+    assert_eq!(w.cloud.resources_of("shop/web"), 0);
+    let log = w.journal.entries();
+    let last_deploy = log.iter().rposition(|e| e.starts_with("cloud:deploy"));
+    let removed = log.iter().position(|e| e == "kube:remove-finalizer");
+    assert!(removed.is_some() && last_deploy < removed, "{log:#?}");
+}
+
+#[tokio::test]
+async fn plan_output_equals_the_changes_reconcile_applies() {
+    let w = World::new(2);
+    let svc = lb_service("shop", "web", 30080);
+    let planned = |svc: Service| {
+        let w = &w;
+        async move {
+            let nodes = w.ctx.nodes.state();
+            let view = View {
+                svc: &svc,
+                cluster: &w.ctx.cluster,
+                finalizer: &w.ctx.finalizer,
+                nodes: &nodes,
+                slices: &[],
+                pending_target_groups: Default::default(),
+                applied: None,
+                resync: w.ctx.resync,
+                now: Instant::now(),
+            };
+            match dry_run(&view, w.cloud.as_ref()).await.unwrap() {
+                DryRun::Plan(p) => p
+                    .changes
+                    .iter()
+                    .map(|c| format!("cloud:deploy {c}"))
+                    .collect::<Vec<_>>(),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    for step in [svc.clone(), lb_service("shop", "web", 30081)] {
+        let current = w.writes.current(&step);
+        let plan = planned(current.clone()).await;
+        assert!(!plan.is_empty());
+        w.journal.clear();
+        run(&w, &current).await.unwrap();
+        assert_eq!(w.journal.with_prefix("cloud:deploy"), plan);
+    }
+    // Once applied, the plan of the current Service is empty.
+    let last = lb_service("shop", "web", 30081);
+    assert!(planned(w.writes.current(&last)).await.is_empty());
+}
+
+#[tokio::test]
+async fn the_managed_load_balancers_gauge_follows_syncs_and_deletes() {
+    let w = World::new(1);
+    let a = lb_service("shop", "a", 30080);
+    let b = lb_service("shop", "b", 30081);
+    run(&w, &a).await.unwrap();
+    assert_eq!(w.ctx.metrics.managed_load_balancers.get(), 1);
+    run(&w, &b).await.unwrap();
+    assert_eq!(w.ctx.metrics.managed_load_balancers.get(), 2);
+    run(&w, &deleting(&w.writes.current(&a))).await.unwrap();
+    assert_eq!(w.ctx.metrics.managed_load_balancers.get(), 1);
+    // A force-deleted Service (no teardown) is forgotten when its delete is seen.
+    w.ctx.forget_service(&ObjectRef::from_obj(&b));
+    assert_eq!(w.ctx.metrics.managed_load_balancers.get(), 0);
+    assert!(w.ctx.services_memory.applied.is_empty());
+}
+
+#[tokio::test]
+async fn a_standby_replica_neither_calls_the_cloud_nor_writes() {
+    let w = World::standby(2);
+    let svc = lb_service("shop", "web", 30080);
+    assert_eq!(run(&w, &svc).await.unwrap(), Action::await_change());
+    assert_eq!(
+        run(&w, &deleting(&svc)).await.unwrap(),
+        Action::await_change()
+    );
+    assert_eq!(w.journal.entries(), Vec::<String>::new());
+}
