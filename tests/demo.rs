@@ -35,7 +35,10 @@ fn demo_shows_the_hostname_and_answers_through_the_node_port_and_the_hostname() 
         out.status.success(),
         "dev/demo failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
-    println!("dev/demo took {:.1} s\n{stdout}", started.elapsed().as_secs_f64());
+    println!(
+        "dev/demo took {:.1} s\n{stdout}",
+        started.elapsed().as_secs_f64()
+    );
 
     // Both controller pods and the node proxy pod are Running and Ready (1/1).
     let pods: Vec<&str> = stdout
@@ -67,7 +70,10 @@ fn demo_shows_the_hostname_and_answers_through_the_node_port_and_the_hostname() 
         hostname.starts_with("k8s-demo-demo-") && hostname.ends_with(".elb.amazonaws.com"),
         "EXTERNAL-IP is the NLB's DNS name: {row}"
     );
-    assert!(cols[4].starts_with("80:") && cols[4].ends_with("/TCP"), "row: {row}");
+    assert!(
+        cols[4].starts_with("80:") && cols[4].ends_with("/TCP"),
+        "row: {row}"
+    );
     let status = rig.kubectl(&[
         "get",
         "svc",
@@ -93,7 +99,10 @@ fn demo_shows_the_hostname_and_answers_through_the_node_port_and_the_hostname() 
     let again = run(&[]);
     assert!(again.status.success(), "second dev/demo run: {again:?}");
     let again = String::from_utf8_lossy(&again.stdout);
-    assert!(again.contains(hostname), "second run shows the same hostname");
+    assert!(
+        again.contains(hostname),
+        "second run shows the same hostname"
+    );
 
     // Clean removes the demo, and its load balancer goes through the finalizer.
     let cleaned = run(&["clean"]);

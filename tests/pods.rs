@@ -65,7 +65,8 @@ fn json(rig: &Rig, args: &[&str]) -> Value {
 
 /// (name, ready, pod IP) of the release's controller pods.
 fn controller_pods(rig: &Rig, ns: &str, release: &str) -> Vec<(String, bool, String)> {
-    let selector = format!("app.kubernetes.io/instance={release},app.kubernetes.io/component=controller");
+    let selector =
+        format!("app.kubernetes.io/instance={release},app.kubernetes.io/component=controller");
     let pods = json(rig, &["get", "pods", "-n", ns, "-l", &selector]);
     pods["items"]
         .as_array()
@@ -79,9 +80,15 @@ fn controller_pods(rig: &Rig, ns: &str, release: &str) -> Vec<(String, bool, Str
                 .flatten()
                 .any(|c| c["type"] == "Ready" && c["status"] == "True");
             (
-                p["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
                 ready,
-                p["status"]["podIP"].as_str().unwrap_or_default().to_string(),
+                p["status"]["podIP"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
             )
         })
         .collect()
@@ -99,9 +106,20 @@ fn metric_sum(metrics: &str, name: &str, filter: impl Fn(&str) -> bool) -> f64 {
 }
 
 fn is_write_call(line: &str) -> bool {
-    ["Create", "Register", "Deregister", "Modify", "Delete", "Authorize", "Revoke", "Set", "Add", "Remove"]
-        .iter()
-        .any(|w| line.contains(&format!("operation=\"{w}")))
+    [
+        "Create",
+        "Register",
+        "Deregister",
+        "Modify",
+        "Delete",
+        "Authorize",
+        "Revoke",
+        "Set",
+        "Add",
+        "Remove",
+    ]
+    .iter()
+    .any(|w| line.contains(&format!("operation=\"{w}")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,7 +140,10 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
     ec2.create_tags()
         .resources(rig.env("CLOUDLB_RIG_NODE_SUBNET"))
         .tags(tag_kv("kubernetes.io/role/internal-elb", "1"))
-        .tags(tag_kv(&format!("kubernetes.io/cluster/{cluster}"), "shared"))
+        .tags(tag_kv(
+            &format!("kubernetes.io/cluster/{cluster}"),
+            "shared",
+        ))
         .send()
         .await
         .expect("tag the node's subnet");
@@ -136,7 +157,10 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
         format!("clusterName={cluster}"),
         format!("loadBalancerClass={class}"),
         format!("region={}", rig.region),
-        format!("awsEndpoint={}", rig.env("CLOUDLB_RIG_AWS_ENDPOINT_FOR_PODS")),
+        format!(
+            "awsEndpoint={}",
+            rig.env("CLOUDLB_RIG_AWS_ENDPOINT_FOR_PODS")
+        ),
         format!("image.repository={repo}"),
         format!("image.tag={tag}"),
         "image.pullPolicy=Never".to_string(),
@@ -175,10 +199,16 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
     // Both controller replicas Ready — the standby too (readiness is not leadership).
     let pods = controller_pods(rig, &system.name, &release);
     assert_eq!(pods.len(), 2, "two controller pods: {pods:?}");
-    assert!(pods.iter().all(|p| p.1), "both controller pods Ready: {pods:?}");
+    assert!(
+        pods.iter().all(|p| p.1),
+        "both controller pods Ready: {pods:?}"
+    );
     for (name, _, _) in &pods {
         let pod = json(rig, &["get", "pod", name, "-n", &system.name]);
-        let created = pod["metadata"]["creationTimestamp"].as_str().unwrap_or_default().to_string();
+        let created = pod["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let ready_at = pod["status"]["conditions"]
             .as_array()
             .into_iter()
@@ -193,10 +223,14 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
         assert_eq!(c["readOnlyRootFilesystem"], true);
         assert_eq!(c["allowPrivilegeEscalation"], false);
     }
-    eventually("the PDB to allow one disruption with both pods Ready", Duration::from_secs(30), || async {
-        let pdb = json(rig, &["get", "pdb", "-n", &system.name]);
-        (pdb["items"][0]["status"]["disruptionsAllowed"].as_i64() == Some(1)).then_some(())
-    })
+    eventually(
+        "the PDB to allow one disruption with both pods Ready",
+        Duration::from_secs(30),
+        || async {
+            let pdb = json(rig, &["get", "pdb", "-n", &system.name]);
+            (pdb["items"][0]["status"]["disruptionsAllowed"].as_i64() == Some(1)).then_some(())
+        },
+    )
     .await;
 
     // A web Deployment on the node and its LoadBalancer Service, served by cloudlb's node proxy.
@@ -218,23 +252,46 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
     let apply = |obj: &Value| {
         let file = std::env::temp_dir().join(format!("{}.json", unique("obj")));
         std::fs::write(&file, obj.to_string()).expect("write manifest");
-        let out = rig.kubectl_output(&["apply", "-n", &apps.name, "-f", file.to_str().expect("utf8")]);
+        let out = rig.kubectl_output(&[
+            "apply",
+            "-n",
+            &apps.name,
+            "-f",
+            file.to_str().expect("utf8"),
+        ]);
         let _ = std::fs::remove_file(&file);
         assert!(out.status.success(), "kubectl apply: {}", text(&out));
     };
     apply(&deployment);
-    let out = rig.kubectl_output(&["rollout", "status", "deployment/web", "-n", &apps.name, "--timeout=120s"]);
+    let out = rig.kubectl_output(&[
+        "rollout",
+        "status",
+        "deployment/web",
+        "-n",
+        &apps.name,
+        "--timeout=120s",
+    ]);
     assert!(out.status.success(), "web rollout: {}", text(&out));
     let created = Instant::now();
     apply(&service);
     let hostname_of = || {
-        rig.kubectl(&["get", "svc", "web", "-n", &apps.name, "-o", "jsonpath={.status.loadBalancer.ingress[0].hostname}"])
-            .trim()
-            .to_string()
+        rig.kubectl(&[
+            "get",
+            "svc",
+            "web",
+            "-n",
+            &apps.name,
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].hostname}",
+        ])
+        .trim()
+        .to_string()
     };
-    let hostname = eventually("the Service's hostname", Duration::from_secs(60), || async {
-        Some(hostname_of()).filter(|h| !h.is_empty())
-    })
+    let hostname = eventually(
+        "the Service's hostname",
+        Duration::from_secs(60),
+        || async { Some(hostname_of()).filter(|h| !h.is_empty()) },
+    )
     .await;
     println!(
         "FIGURE in_cluster_hostname_s {:.3} ({hostname})",
@@ -252,14 +309,23 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
             .names(name)
             .send()
             .await
-            .map(|r| r.load_balancers().iter().filter_map(|l| l.load_balancer_arn().map(str::to_string)).collect::<Vec<_>>())
+            .map(|r| {
+                r.load_balancers()
+                    .iter()
+                    .filter_map(|l| l.load_balancer_arn().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default()
     };
     let arns = lbs_named(elb.clone(), lb_name.clone()).await;
     assert_eq!(arns.len(), 1, "one load balancer {lb_name}: {arns:?}");
 
     // Exactly one leader; only it calls AWS (the standby makes no call at all).
-    let scrape = |ip: &str| http_get(&format!("{ip}:8080"), "/metrics").map(|(_, body)| body).unwrap_or_default();
+    let scrape = |ip: &str| {
+        http_get(&format!("{ip}:8080"), "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
     let pods = controller_pods(rig, &system.name, &release);
     let mut leaders = 0;
     let mut calls_by_pod = BTreeMap::new();
@@ -280,18 +346,30 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
     assert_eq!(leaders, 1, "exactly one leader: {calls_by_pod:?}");
 
     // The node-proxy DaemonSet pod serves the nodePort: a request from a client namespace.
-    let node_port = rig.kubectl(&["get", "svc", "web", "-n", &apps.name, "-o", "jsonpath={.spec.ports[0].nodePort}"]);
+    let node_port = rig.kubectl(&[
+        "get",
+        "svc",
+        "web",
+        "-n",
+        &apps.name,
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort}",
+    ]);
     let client = NetNs::new("podcl");
     let url = format!("http://{node_ip}:{}/", node_port.trim());
-    let reply = eventually("an answer through nodeIP:nodePort", Duration::from_secs(30), || async {
-        let out = client
-            .command("curl")
-            .args(["-sS", "--max-time", "2", &url])
-            .output()
-            .ok()?;
-        let body = String::from_utf8_lossy(&out.stdout).to_string();
-        body.starts_with("hello from web-").then_some(body)
-    })
+    let reply = eventually(
+        "an answer through nodeIP:nodePort",
+        Duration::from_secs(30),
+        || async {
+            let out = client
+                .command("curl")
+                .args(["-sS", "--max-time", "2", &url])
+                .output()
+                .ok()?;
+            let body = String::from_utf8_lossy(&out.stdout).to_string();
+            body.starts_with("hello from web-").then_some(body)
+        },
+    )
     .await;
     println!("through the node proxy: {}", reply.trim());
 
@@ -300,22 +378,49 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
     let out = rig.kubectl_output(&["rollout", "restart", &deploy, "-n", &system.name]);
     assert!(out.status.success(), "rollout restart: {}", text(&out));
     let restarted = Instant::now();
-    let out = rig.kubectl_output(&["rollout", "status", &deploy, "-n", &system.name, "--timeout=180s"]);
-    assert!(out.status.success(), "the rolling restart completes: {}", text(&out));
-    println!("FIGURE rollout_restart_s {:.2}", restarted.elapsed().as_secs_f64());
+    let out = rig.kubectl_output(&[
+        "rollout",
+        "status",
+        &deploy,
+        "-n",
+        &system.name,
+        "--timeout=180s",
+    ]);
+    assert!(
+        out.status.success(),
+        "the rolling restart completes: {}",
+        text(&out)
+    );
+    println!(
+        "FIGURE rollout_restart_s {:.2}",
+        restarted.elapsed().as_secs_f64()
+    );
     let svc = json(rig, &["get", "svc", "web", "-n", &apps.name]);
-    assert_eq!(svc["status"]["loadBalancer"]["ingress"][0]["hostname"], hostname.as_str());
+    assert_eq!(
+        svc["status"]["loadBalancer"]["ingress"][0]["hostname"],
+        hostname.as_str()
+    );
     // the new leader has reconciled the Service, and converged on the same load balancer
-    eventually("a new leader that reconciled the Service", Duration::from_secs(60), || async {
-        controller_pods(rig, &system.name, &release).iter().find_map(|(_, _, ip)| {
-            let m = scrape(ip);
-            (metric_sum(&m, "cloudlb_leader", |_| true) == 1.0
-                && metric_sum(&m, "cloudlb_reconciles_total", |_| true) > 0.0)
-                .then_some(())
-        })
-    })
+    eventually(
+        "a new leader that reconciled the Service",
+        Duration::from_secs(60),
+        || async {
+            controller_pods(rig, &system.name, &release)
+                .iter()
+                .find_map(|(_, _, ip)| {
+                    let m = scrape(ip);
+                    (metric_sum(&m, "cloudlb_leader", |_| true) == 1.0
+                        && metric_sum(&m, "cloudlb_reconciles_total", |_| true) > 0.0)
+                        .then_some(())
+                })
+        },
+    )
     .await;
-    assert_eq!(lbs_named(elb.clone(), lb_name.clone()).await, arns, "no delete, no duplicate");
+    assert_eq!(
+        lbs_named(elb.clone(), lb_name.clone()).await,
+        arns,
+        "no delete, no duplicate"
+    );
 
     // drain: the PDB lets one controller pod go at once (its rules), not zero.
     let out = rig.kubectl_output(&[
@@ -330,27 +435,60 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
     let _ = rig.kubectl_output(&["uncordon", &node]);
     let evicted = drained.matches("evicted").count();
     println!("drain: {}", drained.trim());
-    assert!(evicted >= 1, "the drain evicted a controller pod: {drained}");
+    assert!(
+        evicted >= 1,
+        "the drain evicted a controller pod: {drained}"
+    );
     // with a single node the replacement cannot start while cordoned, so the second waits — the
     // budget's rule; after uncordon both replicas are Ready again
-    eventually("both controller pods Ready after the drain", Duration::from_secs(120), || async {
-        let pods = controller_pods(rig, &system.name, &release);
-        (pods.len() == 2 && pods.iter().all(|p| p.1)).then_some(())
-    })
+    eventually(
+        "both controller pods Ready after the drain",
+        Duration::from_secs(120),
+        || async {
+            let pods = controller_pods(rig, &system.name, &release);
+            (pods.len() == 2 && pods.iter().all(|p| p.1)).then_some(())
+        },
+    )
     .await;
 
     // helm uninstall: the controller goes, the Service's cloud side stays under its finalizer
     // (README: delete LoadBalancer Services before uninstalling); a reinstall tears it down.
-    let out = helm(&["uninstall", &release, "--kubeconfig", &kubeconfig, "-n", &system.name, "--wait"]);
+    let out = helm(&[
+        "uninstall",
+        &release,
+        "--kubeconfig",
+        &kubeconfig,
+        "-n",
+        &system.name,
+        "--wait",
+    ]);
     assert!(out.status.success(), "helm uninstall: {}", text(&out));
     let svc = json(rig, &["get", "svc", "web", "-n", &apps.name]);
     let finalizers = svc["metadata"]["finalizers"].to_string();
-    assert!(finalizers.contains("cloudlb.io/"), "the finalizer stays: {finalizers}");
-    assert_eq!(lbs_named(elb.clone(), lb_name.clone()).await, arns, "the load balancer stays");
+    assert!(
+        finalizers.contains("cloudlb.io/"),
+        "the finalizer stays: {finalizers}"
+    );
+    assert_eq!(
+        lbs_named(elb.clone(), lb_name.clone()).await,
+        arns,
+        "the load balancer stays"
+    );
     install(&[]);
     let out = rig.kubectl_output(&["delete", "svc", "web", "-n", &apps.name, "--timeout=60s"]);
     assert!(out.status.success(), "delete the Service: {}", text(&out));
-    assert!(lbs_named(elb.clone(), lb_name.clone()).await.is_empty(), "the load balancer is gone");
-    let out = helm(&["uninstall", &release, "--kubeconfig", &kubeconfig, "-n", &system.name, "--wait"]);
+    assert!(
+        lbs_named(elb.clone(), lb_name.clone()).await.is_empty(),
+        "the load balancer is gone"
+    );
+    let out = helm(&[
+        "uninstall",
+        &release,
+        "--kubeconfig",
+        &kubeconfig,
+        "-n",
+        &system.name,
+        "--wait",
+    ]);
     assert!(out.status.success(), "helm uninstall: {}", text(&out));
 }
