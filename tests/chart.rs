@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -15,37 +15,10 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use support::{Rig, TestNamespace, repo_root, tool, unique};
+use support::{Rig, TestNamespace, helm, repo_root, text, unique};
 
 fn chart_dir() -> PathBuf {
     repo_root().join("charts/cloudlb")
-}
-
-fn helm(args: &[&str]) -> Output {
-    Command::new(tool("helm"))
-        .args(args)
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("cloudlb-helm/cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("cloudlb-helm/config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("cloudlb-helm/data"),
-        )
-        .output()
-        .expect("run helm")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// `helm template` with `--set` values; panics when it fails.

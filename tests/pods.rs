@@ -7,33 +7,14 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::Tag as Ec2Tag;
 use aws_sdk_elasticloadbalancingv2 as elbv2;
 use serde_json::Value;
 use support::cloud::http_get;
-use support::{NetNs, Rig, TestNamespace, eventually, repo_root, tool, unique};
-
-fn helm(args: &[&str]) -> Output {
-    let tmp = std::env::temp_dir().join("cloudlb-helm");
-    Command::new(tool("helm"))
-        .args(args)
-        .env("HELM_CACHE_HOME", tmp.join("cache"))
-        .env("HELM_CONFIG_HOME", tmp.join("config"))
-        .env("HELM_DATA_HOME", tmp.join("data"))
-        .output()
-        .expect("run helm")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use support::{NetNs, Rig, TestNamespace, eventually, helm, repo_root, text, unique};
 
 /// Builds the image (cached) and loads it into the kubelet node's containerd; its reference.
 fn image() -> String {
@@ -192,6 +173,18 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
         let out = helm(&args);
         assert!(out.status.success(), "helm install: {}", text(&out));
         started.elapsed()
+    };
+    let uninstall = || {
+        let out = helm(&[
+            "uninstall",
+            &release,
+            "--kubeconfig",
+            &kubeconfig,
+            "-n",
+            &system.name,
+            "--wait",
+        ]);
+        assert!(out.status.success(), "helm uninstall: {}", text(&out));
     };
     let took = install(&[]);
     println!("FIGURE helm_install_wait_s {:.2}", took.as_secs_f64());
@@ -453,16 +446,7 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
 
     // helm uninstall: the controller goes, the Service's cloud side stays under its finalizer
     // (README: delete LoadBalancer Services before uninstalling); a reinstall tears it down.
-    let out = helm(&[
-        "uninstall",
-        &release,
-        "--kubeconfig",
-        &kubeconfig,
-        "-n",
-        &system.name,
-        "--wait",
-    ]);
-    assert!(out.status.success(), "helm uninstall: {}", text(&out));
+    uninstall();
     let svc = json(rig, &["get", "svc", "web", "-n", &apps.name]);
     let finalizers = svc["metadata"]["finalizers"].to_string();
     assert!(
@@ -481,14 +465,5 @@ async fn chart_runs_on_the_kubelet_node_with_one_leader_and_survives_restart_dra
         lbs_named(elb.clone(), lb_name.clone()).await.is_empty(),
         "the load balancer is gone"
     );
-    let out = helm(&[
-        "uninstall",
-        &release,
-        "--kubeconfig",
-        &kubeconfig,
-        "-n",
-        &system.name,
-        "--wait",
-    ]);
-    assert!(out.status.success(), "helm uninstall: {}", text(&out));
+    uninstall();
 }

@@ -178,6 +178,27 @@ impl Rig {
     }
 }
 
+/// `helm` from the cache, with its cache/config/data under the temp dir (not the user's home).
+pub fn helm(args: &[&str]) -> std::process::Output {
+    let tmp = std::env::temp_dir().join("cloudlb-helm");
+    Command::new(tool("helm"))
+        .args(args)
+        .env("HELM_CACHE_HOME", tmp.join("cache"))
+        .env("HELM_CONFIG_HOME", tmp.join("config"))
+        .env("HELM_DATA_HOME", tmp.join("data"))
+        .output()
+        .expect("run helm")
+}
+
+/// A command's stdout and stderr, for assertion messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Path of a tool the rig built into the cache (kubectl, helm, ...).
 pub fn tool(name: &str) -> PathBuf {
     let cache = std::env::var("CLOUDLB_CACHE")
