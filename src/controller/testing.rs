@@ -225,6 +225,7 @@ pub fn cluster() -> ClusterArgs {
         cluster_name: "c".into(),
         load_balancer_class: super::DEFAULT_CLASS.into(),
         default_class: false,
+        default_class_all: false,
         region: None,
         keep_not_ready_nodes: false,
         node_proxy_health_port: None,

@@ -168,14 +168,14 @@ impl AwsCloud {
         for p in g.ip_permissions() {
             let protocol = p.ip_protocol().unwrap_or_default().to_string();
             let port = p.from_port().unwrap_or_default();
-            for r in p.ip_ranges() {
-                if let Some(c) = r.cidr_ip() {
-                    ingress.insert(IngressRule {
-                        protocol: protocol.clone(),
-                        port,
-                        cidr: c.to_string(),
-                    });
-                }
+            let v4 = p.ip_ranges().iter().filter_map(|r| r.cidr_ip());
+            let v6 = p.ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6());
+            for c in v4.chain(v6) {
+                ingress.insert(IngressRule {
+                    protocol: protocol.clone(),
+                    port,
+                    cidr: c.to_string(),
+                });
             }
         }
         Ok(Some(ObservedSecurityGroup {
