@@ -686,6 +686,9 @@ fn changed_entries(
 }
 
 #[cfg(test)]
+mod tag_and_protection_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::annotations;
@@ -693,7 +696,7 @@ mod tests {
     use crate::model::{self, ClusterContext, NodeTarget};
     use serde_json::json;
 
-    fn desired(node_port: i32, nodes: &[&str]) -> DesiredLoadBalancer {
+    pub(super) fn desired(node_port: i32, nodes: &[&str]) -> DesiredLoadBalancer {
         let svc = serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": "u1"},
             "spec": {"ports": [{"port": 80, "nodePort": node_port}]}
@@ -720,7 +723,7 @@ mod tests {
     }
 
     /// What the cloud would hold after `d` was fully applied.
-    fn observed_from(d: &DesiredLoadBalancer) -> ObservedStack {
+    pub(super) fn observed_from(d: &DesiredLoadBalancer) -> ObservedStack {
         let tgs: Vec<ObservedTargetGroup> = d
             .target_groups
             .iter()

@@ -160,6 +160,9 @@ pub struct ClusterContext {
 }
 
 #[cfg(test)]
+mod annotation_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::annotations;
