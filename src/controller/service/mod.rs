@@ -155,8 +155,9 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Reconci
             query,
             warnings,
         } => {
-            for w in warnings {
-                let note = Note::warning("AnnotationWarning", "Sync", w);
+            if !warnings.is_empty() {
+                // One Event: the recorder folds Events of one reason into a series.
+                let note = Note::warning("AnnotationWarning", "Sync", warnings.join("; "));
                 ctx.writes.event(svc, note).await;
             }
             sync(svc, ctx, *desired, desired_hash, &query).await
