@@ -381,7 +381,7 @@ async fn lbc_annotations_reach_aws_refused_ones_touch_nothing_and_protection_hol
     assert!(w.1.contains("deletion_protection.enabled=true"), "{w:?}");
     assert!(
         cloud
-            .load_balancer(&lb.load_balancer_name().unwrap().to_string())
+            .load_balancer(lb.load_balancer_name().unwrap())
             .await
             .is_some(),
         "the protected load balancer is still there"

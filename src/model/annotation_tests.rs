@@ -105,7 +105,8 @@ fn ip_target_group_port_is_the_target_port_with_or_without_pods() {
 #[test]
 fn source_ranges_spec_then_annotation_then_everywhere_and_ipv6_for_dualstack() {
     let ports = json!([{"port": 80, "nodePort": 30080}]);
-    let cases: Vec<(serde_json::Value, Vec<(&str, &str)>, Vec<&str>)> = vec![
+    type Case<'a> = (serde_json::Value, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (json!({"ports": ports}), vec![], vec!["0.0.0.0/0"]),
         (
             json!({"ports": ports}),
