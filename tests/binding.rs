@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, TargetTypeEnum};
+use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, Tag, TargetTypeEnum};
 use cloudlb::crd::{ConditionStatus, TargetGroupBinding};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -18,7 +18,8 @@ use support::{Rig, TestNamespace, TestNode, event_reasons, eventually};
 const WAIT: Duration = Duration::from_secs(30);
 const FINALIZER: &str = "cloudlb.io/targetgroupbinding-cleanup";
 
-/// A target group made directly in LocalStack, as Terraform would; returns its ARN.
+/// A target group made directly in LocalStack, as Terraform would, tagged to let the test's
+/// cluster bind it (`cloudlb.io/allow-binding/<cluster>=true`); returns its ARN.
 async fn target_group(cloud: &TestCloud, suffix: &str, kind: TargetTypeEnum, port: i32) -> String {
     let out = cloud
         .elb
@@ -28,6 +29,12 @@ async fn target_group(cloud: &TestCloud, suffix: &str, kind: TargetTypeEnum, por
         .port(port)
         .vpc_id(&cloud.vpc_id)
         .target_type(kind)
+        .tags(
+            Tag::builder()
+                .key(format!("cloudlb.io/allow-binding/{}", cloud.cluster))
+                .value("true")
+                .build(),
+        )
         .send()
         .await
         .expect("create target group");
@@ -264,8 +271,14 @@ async fn instance_binding_follows_nodes_and_cleans_up_on_delete() {
         .send()
         .await
         .unwrap();
-    assert!(
-        tags.tag_descriptions()[0].tags().is_empty(),
+    let keys: Vec<&str> = tags.tag_descriptions()[0]
+        .tags()
+        .iter()
+        .filter_map(|t| t.key())
+        .collect();
+    assert_eq!(
+        keys,
+        [format!("cloudlb.io/allow-binding/{}", cloud.cluster)],
         "cloudlb never tags a bound group"
     );
     assert_eq!(cloud.inventory().await, vec![], "cloudlb created nothing");

@@ -158,6 +158,7 @@ fn default_values_render_a_locked_down_two_replica_controller_and_no_node_proxy(
         set_of(&[
             "ClusterRole",
             "ClusterRoleBinding",
+            "ConfigMap",
             "Deployment",
             "PodDisruptionBudget",
             "Role",
@@ -412,8 +413,11 @@ fn rbac_grants_exactly_what_each_component_needs() {
 
 #[test]
 fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_tag() {
-    let text = std::fs::read_to_string(chart_dir().join("iam-policy.json")).expect("read policy");
-    let policy: Value = serde_json::from_str(&text).expect("policy is JSON");
+    // The policy as the chart renders it for clusterName=prod (iam-policy.json is a template).
+    let docs = render(&["clusterName=prod"]);
+    let cm = one(&docs, "ConfigMap", "rel-cloudlb-controller-iam-policy");
+    let text = cm["data"]["policy.json"].as_str().expect("policy.json");
+    let policy: Value = serde_json::from_str(text).expect("policy is JSON");
     assert_eq!(policy["Version"], "2012-10-17");
     let statements = policy["Statement"].as_array().expect("statements");
     let actions_of = |s: &Value| -> Vec<String> {
@@ -493,6 +497,15 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
                 assert!(
                     condition.contains("aws:RequestTag/cloudlb.io/cluster"),
                     "{action} must require the cluster request tag: {s}"
+                );
+            }
+            if name == "RegisterTargets" || name == "DeregisterTargets" {
+                let equals = s["Condition"]["StringEquals"].to_string();
+                assert!(
+                    equals.contains(r#""aws:ResourceTag/cloudlb.io/cluster":"prod""#)
+                        || equals
+                            .contains(r#""aws:ResourceTag/cloudlb.io/allow-binding/prod":"true""#),
+                    "{action} only in groups tagged for this cluster: {s}"
                 );
             }
             let guarded_by_resource_tag = !(name.starts_with("Describe")
@@ -1068,6 +1081,12 @@ async fn controller_with_only_the_chart_token_runs_a_service_and_a_binding_lifec
         .port(80)
         .vpc_id(&cloud.vpc_id)
         .target_type(TargetTypeEnum::Instance)
+        .tags(
+            aws_sdk_elasticloadbalancingv2::types::Tag::builder()
+                .key(format!("cloudlb.io/allow-binding/{}", cloud.cluster))
+                .value("true")
+                .build(),
+        )
         .send()
         .await
         .expect("target group");

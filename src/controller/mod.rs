@@ -509,6 +509,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
 
     let bindings = binding_controller(
         client.clone(),
+        &ctx,
         &args,
         BindingTriggers {
             services: svc_rx,
@@ -582,6 +583,7 @@ struct BindingTriggers {
 /// by node changes (instance targets) and by its Service's EndpointSlices (ip targets).
 fn binding_controller(
     client: Client,
+    ctx: &Context,
     args: &ControllerArgs,
     triggers: BindingTriggers,
 ) -> Controller<TargetGroupBinding> {
@@ -595,6 +597,7 @@ fn binding_controller(
             .debounce(Duration::from_millis(200)),
     );
     let store = controller.store();
+    let _ = ctx.bindings.store.set(store.clone());
     let (for_services, for_nodes, for_slices) = (store.clone(), store.clone(), store);
     controller
         .watches_stream(triggers.services.map(Ok), move |svc: Service| {

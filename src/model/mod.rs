@@ -40,6 +40,10 @@ pub mod tags {
     pub const PORT: &str = "cloudlb.io/port";
     /// `loadbalancer`, `targetgroup` or `listener`.
     pub const RESOURCE: &str = "cloudlb.io/resource";
+    /// `cloudlb.io/allow-binding/<cluster>=true` on a target group made outside cloudlb lets
+    /// that cluster's TargetGroupBindings register into it (one tag per cluster; see
+    /// `controller::binding::claim`).
+    pub const ALLOW_BINDING_PREFIX: &str = "cloudlb.io/allow-binding/";
 }
 
 /// One registered target: an instance id or an IP, at a port.

@@ -253,6 +253,56 @@ impl TestCloud {
             .collect()
     }
 
+    /// Everything AWS says about a target group, for byte-for-byte before/after comparisons:
+    /// the group (health check, port, load balancers), its attributes, tags and target health.
+    pub async fn snapshot_target_group(&self, arn: &str) -> String {
+        let tg = self.target_group(arn).await;
+        let attributes = self
+            .elb
+            .describe_target_group_attributes()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .expect("target group attributes");
+        let tags = self
+            .elb
+            .describe_tags()
+            .resource_arns(arn)
+            .send()
+            .await
+            .expect("tags");
+        let health = self
+            .elb
+            .describe_target_health()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .expect("target health");
+        let mut attrs: Vec<String> = attributes
+            .attributes()
+            .iter()
+            .map(|a| format!("{:?}={:?}", a.key(), a.value()))
+            .collect();
+        attrs.sort();
+        let mut tag_list: Vec<String> = tags
+            .tag_descriptions()
+            .iter()
+            .flat_map(|d| {
+                d.tags()
+                    .iter()
+                    .map(|t| format!("{:?}={:?}", t.key(), t.value()))
+            })
+            .collect();
+        tag_list.sort();
+        let mut targets: Vec<String> = health
+            .target_health_descriptions()
+            .iter()
+            .map(|d| format!("{d:?}"))
+            .collect();
+        targets.sort();
+        format!("group: {tg:?}\nattributes: {attrs:?}\ntags: {tag_list:?}\ntargets: {targets:?}")
+    }
+
     /// Security groups tagged with this test's cluster: (id, ingress as (protocol, port, cidr)).
     pub async fn security_groups(&self) -> Vec<(String, BTreeSet<(String, i32, String)>)> {
         let f = Filter::builder()

@@ -1,0 +1,347 @@
+//! Tenant safety on the real rig (issue 13, cloud ownership): each attack a namespace user can
+//! make with a Service or a TargetGroupBinding is tried with a tenant's own credentials, and is
+//! refused with a Warning Event naming the reason, while the foreign or shared resource stays
+//! byte-for-byte as it was (a full describe before and after) and the tenant's own objects keep
+//! working. `cargo test --test tenants -- --nocapture` prints one `ATTACK` line per attack.
+
+mod support;
+
+use std::time::Duration;
+
+use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, Tag, TargetDescription, TargetTypeEnum};
+use cloudlb::crd::{ConditionStatus, TargetGroupBinding};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+use support::cloud::{ControllerProc, TestCloud};
+use support::{Rig, TestNamespace, TestNode, events, eventually, tenant_client, unique};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn tag(k: &str, v: &str) -> Tag {
+    Tag::builder().key(k).value(v).build()
+}
+
+/// A target group someone else made (Terraform, another cluster), with `tags`, and `foreign`
+/// targets registered in it; returns its ARN.
+async fn foreign_group(
+    cloud: &TestCloud,
+    suffix: &str,
+    tags: &[(String, String)],
+    foreign: &[(&str, i32)],
+) -> String {
+    let mut req = cloud
+        .elb
+        .create_target_group()
+        .name(format!("{}-{suffix}", cloud.cluster))
+        .protocol(ProtocolEnum::Tcp)
+        .port(80)
+        .vpc_id(&cloud.vpc_id)
+        .target_type(TargetTypeEnum::Instance);
+    for (k, v) in tags {
+        req = req.tags(tag(k, v));
+    }
+    let arn = req
+        .send()
+        .await
+        .expect("create target group")
+        .target_groups()[0]
+        .target_group_arn()
+        .expect("arn")
+        .to_string();
+    if !foreign.is_empty() {
+        let targets: Vec<TargetDescription> = foreign
+            .iter()
+            .map(|(id, port)| {
+                TargetDescription::builder()
+                    .id(*id)
+                    .port(*port)
+                    .build()
+            })
+            .collect();
+        cloud
+            .elb
+            .register_targets()
+            .target_group_arn(&arn)
+            .set_targets(Some(targets))
+            .send()
+            .await
+            .expect("register foreign targets");
+    }
+    arn
+}
+
+fn binding(cloud: &TestCloud, name: &str, arn: &str, service: &str) -> TargetGroupBinding {
+    serde_json::from_value(json!({
+        "apiVersion": "cloudlb.io/v1beta1",
+        "kind": "TargetGroupBinding",
+        "metadata": {"name": name, "labels": {"cloudlb.io/test-cluster": cloud.cluster}},
+        "spec": {"targetGroupARN": arn, "serviceRef": {"name": service, "port": 80}},
+    }))
+    .expect("binding")
+}
+
+fn node_port_service(name: &str) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"type": "NodePort", "selector": {"app": name}, "ports": [
+            {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+    }))
+    .expect("service")
+}
+
+/// The Ready condition's (status, reason, message) once it has `reason`.
+async fn ready_with(
+    api: &Api<TargetGroupBinding>,
+    name: &str,
+    reason: &str,
+) -> (ConditionStatus, String) {
+    eventually(
+        &format!("binding {name} Ready reason {reason}"),
+        WAIT,
+        || async {
+            let c = api
+                .get_opt(name)
+                .await
+                .ok()??
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (c.reason == reason).then_some((c.status, c.message))
+        },
+    )
+    .await
+}
+
+/// The note of the Warning Event with `reason` on object `name` (waits for it).
+async fn warning(rig: &Rig, ns: &str, name: &str, kind: &str, reason: &str) -> String {
+    eventually(&format!("Warning {reason} on {name}"), WAIT, || async {
+        events(rig, ns, name, Some(kind))
+            .into_iter()
+            .find(|(t, r, _)| t == "Warning" && r == reason)
+            .map(|(_, _, note)| note)
+    })
+    .await
+}
+
+fn attack(tried: &str, got: &str, unchanged: &str) {
+    eprintln!("ATTACK tried: {tried}\n       got: {got}\n       unchanged: {unchanged}");
+}
+
+#[tokio::test]
+async fn bindings_only_touch_groups_tagged_for_the_cluster_and_only_their_own_targets() {
+    let rig = Rig::get();
+    rig.install_crds();
+    let ns = TestNamespace::new(rig, "tnb").await;
+    let other_ns = TestNamespace::new(rig, "tnb2").await;
+    let cloud = TestCloud::new(rig, "tnb").await;
+    let labels = json!({"cloudlb.io/test-cluster": cloud.cluster});
+    let (i1, i2, foreign_node) = (
+        cloud.instance(None).await,
+        cloud.instance(None).await,
+        cloud.instance(None).await,
+    );
+    let n1 = TestNode::new(
+        rig,
+        "tnb-a",
+        "10.213.254.1",
+        Some(&TestCloud::provider_id(&i1)),
+        labels.clone(),
+    )
+    .await;
+    let n2 = TestNode::new(
+        rig,
+        "tnb-b",
+        "10.213.254.2",
+        Some(&TestCloud::provider_id(&i2)),
+        labels.clone(),
+    )
+    .await;
+    let mut controller = ControllerProc::start(rig, &cloud, &[]);
+
+    // The tenants, with their own credentials: Services and bindings in their namespace only.
+    let tenant = tenant_client(rig, &ns.name).await;
+    let other_tenant = tenant_client(rig, &other_ns.name).await;
+    let svcs: Api<Service> = Api::namespaced(tenant.clone(), &ns.name);
+    let svc = svcs
+        .create(&PostParams::default(), &node_port_service("web"))
+        .await
+        .expect("tenant creates a Service");
+    let np = svc.spec.unwrap().ports.unwrap()[0]
+        .node_port
+        .expect("nodePort");
+    Api::<Service>::namespaced(other_tenant.clone(), &other_ns.name)
+        .create(&PostParams::default(), &node_port_service("web"))
+        .await
+        .expect("the other tenant creates a Service");
+    let bindings: Api<TargetGroupBinding> = Api::namespaced(tenant.clone(), &ns.name);
+    let other_bindings: Api<TargetGroupBinding> = Api::namespaced(other_tenant, &other_ns.name);
+
+    let other_cluster = unique("elsewhere");
+    let allow = |c: &str| (format!("cloudlb.io/allow-binding/{c}"), "true".to_string());
+    let untagged = foreign_group(&cloud, "untagged", &[], &[(&foreign_node, 30999)]).await;
+    let theirs = foreign_group(
+        &cloud,
+        "theirs",
+        &[("cloudlb.io/cluster".into(), other_cluster.clone())],
+        &[(&foreign_node, 30999)],
+    )
+    .await;
+    // Shared with another cluster (LBC's multi-cluster mode): its node is registered already.
+    let shared = foreign_group(
+        &cloud,
+        "shared",
+        &[allow(&cloud.cluster), allow(&other_cluster)],
+        &[(&foreign_node, 30999)],
+    )
+    .await;
+    let shared_as_left = cloud.snapshot_target_group(&shared).await;
+
+    // 1, 2: bind a group nobody tagged for this cluster, or one tagged for another cluster.
+    for (name, arn, what) in [
+        ("grab-untagged", &untagged, "an untagged target group"),
+        ("grab-theirs", &theirs, "another cluster's target group"),
+    ] {
+        let before = cloud.snapshot_target_group(arn).await;
+        bindings
+            .create(&PostParams::default(), &binding(&cloud, name, arn, "web"))
+            .await
+            .expect("tenant creates a binding");
+        let (st, _) = ready_with(&bindings, name, "TargetGroupNotAllowed").await;
+        assert_eq!(st, ConditionStatus::False);
+        let note = warning(
+            rig,
+            &ns.name,
+            name,
+            "TargetGroupBinding",
+            "TargetGroupNotAllowed",
+        )
+        .await;
+        assert!(note.contains("is not tagged for this cluster"), "{note}");
+        assert_eq!(
+            cloud.snapshot_target_group(arn).await,
+            before,
+            "{what} changed"
+        );
+        bindings
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+        eventually("refused binding gone", WAIT, || async {
+            bindings.get_opt(name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+        assert_eq!(
+            cloud.snapshot_target_group(arn).await,
+            before,
+            "{what} changed on delete"
+        );
+        attack(
+            &format!("a TargetGroupBinding on {what} (which has a foreign target)"),
+            &format!("Ready=False TargetGroupNotAllowed, Warning: {note}"),
+            "that group's describe (attributes, tags, health check, target health), also after the binding was deleted",
+        );
+    }
+
+    // The legitimate use: the shared group gets this cluster's nodes, the other cluster's stays.
+    bindings
+        .create(
+            &PostParams::default(),
+            &binding(&cloud, "web", &shared, "web"),
+        )
+        .await
+        .expect("tenant binds the shared group");
+    let want = |ids: &[&str]| -> std::collections::BTreeSet<(String, i32)> {
+        ids.iter()
+            .map(|id| (id.to_string(), np))
+            .chain([(foreign_node.clone(), 30999)])
+            .collect()
+    };
+    eventually(
+        "this cluster's nodes registered beside the other's",
+        WAIT,
+        || async { (cloud.targets(&shared).await == want(&[&i1, &i2])).then_some(()) },
+    )
+    .await;
+
+    // 3: a second binding on the same ARN, from another tenant.
+    let before = cloud.snapshot_target_group(&shared).await;
+    other_bindings
+        .create(
+            &PostParams::default(),
+            &binding(&cloud, "steal", &shared, "web"),
+        )
+        .await
+        .expect("other tenant creates a binding");
+    let (st, message) = ready_with(&other_bindings, "steal", "Conflict").await;
+    assert_eq!(st, ConditionStatus::False);
+    assert!(message.contains(&format!("{}/web", ns.name)), "{message}");
+    let note = warning(
+        rig,
+        &other_ns.name,
+        "steal",
+        "TargetGroupBinding",
+        "Conflict",
+    )
+    .await;
+    assert_eq!(cloud.snapshot_target_group(&shared).await, before);
+    other_bindings
+        .delete("steal", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("conflicting binding gone", WAIT, || async {
+        other_bindings
+            .get_opt("steal")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(cloud.snapshot_target_group(&shared).await, before);
+    attack(
+        "a second TargetGroupBinding (another namespace) on a target group already bound, then deleting it",
+        &format!("Ready=False Conflict, Warning: {note}"),
+        "the shared group's describe, while it existed and after its deletion",
+    );
+
+    // The binding remembers what it registered across a controller restart: a node that goes
+    // is taken out, the other cluster's target is not.
+    controller.kill();
+    let controller = ControllerProc::start(rig, &cloud, &[]);
+    rig.kubectl(&["delete", "node", &n2.name]);
+    eventually(
+        "the deleted node's target deregistered, the other cluster's kept",
+        WAIT,
+        || async { (cloud.targets(&shared).await == want(&[&i1])).then_some(()) },
+    )
+    .await;
+
+    // Deleting the binding takes out only its own targets: the group is back as its owner left it.
+    bindings
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("binding gone", WAIT, || async {
+        bindings.get_opt("web").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(cloud.snapshot_target_group(&shared).await, shared_as_left);
+    attack(
+        "(shared use) bind a group shared with another cluster, restart the controller, remove a node, delete the binding",
+        "this cluster's targets registered and deregistered; the other cluster's target never touched",
+        "the shared group's describe after the binding's deletion equals the one before it was created",
+    );
+
+    drop((controller, n1));
+    for arn in [&untagged, &theirs, &shared] {
+        cloud
+            .elb
+            .delete_target_group()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .expect("delete tg");
+    }
+}
