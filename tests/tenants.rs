@@ -52,12 +52,7 @@ async fn foreign_group(
     if !foreign.is_empty() {
         let targets: Vec<TargetDescription> = foreign
             .iter()
-            .map(|(id, port)| {
-                TargetDescription::builder()
-                    .id(*id)
-                    .port(*port)
-                    .build()
-            })
+            .map(|(id, port)| TargetDescription::builder().id(*id).port(*port).build())
             .collect();
         cloud
             .elb
@@ -344,4 +339,187 @@ async fn bindings_only_touch_groups_tagged_for_the_cluster_and_only_their_own_ta
             .await
             .expect("delete tg");
     }
+}
+
+/// A LoadBalancer Service of class `class` in `ns`.
+fn load_balancer_service(name: &str, class: &str, annotations: serde_json::Value) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": class, "selector": {"app": name},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+    }))
+    .expect("service")
+}
+
+async fn hostname(api: &Api<Service>, name: &str) -> String {
+    eventually(&format!("{name} has a hostname"), WAIT, || async {
+        api.get(name)
+            .await
+            .ok()?
+            .status?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .hostname
+            .clone()
+    })
+    .await
+}
+
+/// A target group tagged as cloudlb tags one, for Service `service` (gone), of `class` (none:
+/// made before class tags); returns its ARN.
+async fn orphan_group(
+    cloud: &TestCloud,
+    suffix: &str,
+    service: &str,
+    class: Option<&str>,
+) -> String {
+    let mut tags = vec![
+        ("cloudlb.io/cluster".to_string(), cloud.cluster.clone()),
+        ("cloudlb.io/service".to_string(), service.to_string()),
+        ("cloudlb.io/resource".to_string(), "targetgroup".to_string()),
+    ];
+    if let Some(c) = class {
+        tags.push(("cloudlb.io/load-balancer-class".to_string(), c.to_string()));
+    }
+    foreign_group(cloud, suffix, &tags, &[]).await
+}
+
+/// Everything of the cluster in the account: each load balancer and target group with its
+/// tags, each target group's full describe, each managed security group with its rules.
+async fn cluster_snapshot(cloud: &TestCloud, skip: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (arn, name, tags) in cloud.inventory().await {
+        if skip.contains(&arn.as_str()) {
+            continue;
+        }
+        out.push(format!("{arn} {name} {tags:?}"));
+        if arn.contains(":targetgroup/") {
+            out.push(cloud.snapshot_target_group(&arn).await);
+        }
+    }
+    for (id, rules) in cloud.security_groups().await {
+        out.push(format!("{id} {rules:?}"));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn two_installations_of_one_cluster_never_sweep_each_others_resources() {
+    let rig = Rig::get();
+    let ns = TestNamespace::new(rig, "tsw").await;
+    let cloud = TestCloud::new(rig, "tsw").await;
+    let (class_a, class_b) = (cloud.class.clone(), format!("{}-b", cloud.class));
+    let instance = cloud.instance(None).await;
+    let _node = TestNode::new(
+        rig,
+        "tsw-a",
+        "10.213.254.11",
+        Some(&TestCloud::provider_id(&instance)),
+        json!({"cloudlb.io/test-cluster": cloud.cluster}),
+    )
+    .await;
+    let sweep = [
+        "--orphan-sweep",
+        "--orphan-sweep-interval-seconds",
+        "1",
+        "--orphan-grace-seconds",
+        "2",
+    ];
+    let a = ControllerProc::start_class(rig, &cloud, &class_a, &sweep, &[]);
+    let b = ControllerProc::start_class(rig, &cloud, &class_b, &sweep, &[]);
+    let svcs: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
+    for (name, class) in [("web-a", &class_a), ("web-b", &class_b)] {
+        svcs.create(
+            &PostParams::default(),
+            &load_balancer_service(name, class, json!({})),
+        )
+        .await
+        .expect("create Service");
+    }
+    hostname(&svcs, "web-a").await;
+    hostname(&svcs, "web-b").await;
+    for (class, name) in [(&class_a, "web-a"), (&class_b, "web-b")] {
+        let tagged = cloud.inventory().await.into_iter().filter(|(_, _, t)| {
+            t.get("cloudlb.io/service") == Some(&format!("{}/{name}", ns.name))
+        });
+        for (arn, _, t) in tagged {
+            assert_eq!(
+                t.get("cloudlb.io/load-balancer-class"),
+                Some(class),
+                "{arn}"
+            );
+        }
+    }
+    // A resource made before class tags, for a Service that is gone: nobody may judge it.
+    let legacy = orphan_group(&cloud, "legacy", &format!("{}/gone", ns.name), None).await;
+    let before = cluster_snapshot(&cloud, &[]).await;
+
+    // One real orphan per class, so each sweep provably ran past its grace period.
+    let gone_a = orphan_group(
+        &cloud,
+        "gone-a",
+        &format!("{}/gone-a", ns.name),
+        Some(&class_a),
+    )
+    .await;
+    let gone_b = orphan_group(
+        &cloud,
+        "gone-b",
+        &format!("{}/gone-b", ns.name),
+        Some(&class_b),
+    )
+    .await;
+    eventually("each installation swept its own orphan", WAIT, || async {
+        let arns: Vec<String> = cloud
+            .inventory()
+            .await
+            .into_iter()
+            .map(|(a, _, _)| a)
+            .collect();
+        (!arns.contains(&gone_a) && !arns.contains(&gone_b)).then_some(())
+    })
+    .await;
+    let after = cluster_snapshot(&cloud, &[]).await;
+    assert_eq!(
+        after, before,
+        "a sweep deleted or changed something that was not its own orphan"
+    );
+    assert_eq!(
+        (
+            a.metric("cloudlb_orphans_deleted_total"),
+            b.metric("cloudlb_orphans_deleted_total")
+        ),
+        (1.0, 1.0),
+        "each sweep deleted exactly its own orphan"
+    );
+    attack(
+        "(two installations) classes A and B with one --cluster-name, each with a live Service, sweeps every 1 s with a 2 s grace",
+        "each sweep deleted only the orphan of its own class (cloudlb_orphans_deleted_total 1 and 1)",
+        &format!(
+            "both Services' NLBs, target groups (full describe) and security groups, and a target group without a class tag: {} items",
+            before.len()
+        ),
+    );
+
+    for name in ["web-a", "web-b"] {
+        svcs.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    eventually("both Services torn down", WAIT, || async {
+        (cloud.inventory().await.iter().all(|(a, _, _)| *a == legacy)
+            && cloud.security_groups().await.is_empty())
+        .then_some(())
+    })
+    .await;
+    cloud
+        .elb
+        .delete_target_group()
+        .target_group_arn(&legacy)
+        .send()
+        .await
+        .expect("delete legacy");
+    drop((a, b));
 }

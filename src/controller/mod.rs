@@ -76,10 +76,19 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
+    /// Who this installation is in the account: cluster and class tags decide ownership.
+    pub fn ownership(&self) -> Ownership {
+        Ownership {
+            cluster: self.cluster_name.clone(),
+            class: self.load_balancer_class.clone(),
+        }
+    }
+
     /// The model's view of these settings.
     pub fn context(&self) -> crate::model::ClusterContext {
         crate::model::ClusterContext {
             cluster_name: self.cluster_name.clone(),
+            load_balancer_class: self.load_balancer_class.clone(),
             node_proxy_health_port: self.node_proxy_health_port,
         }
     }
@@ -142,7 +151,7 @@ pub struct ControllerArgs {
         default_value = ""
     )]
     pub target_group_binding_selector: std::collections::BTreeMap<String, String>,
-    /// Delete resources tagged for this cluster whose Service no longer exists.
+    /// Delete resources tagged for this cluster and class whose Service no longer exists.
     #[arg(long, env = "CLOUDLB_ORPHAN_SWEEP")]
     pub orphan_sweep: bool,
     /// How often the orphan sweep lists the account.
@@ -291,9 +300,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
 
     let cloud = AwsCloud::from_env(
         args.cluster.region.as_deref(),
-        Ownership {
-            cluster: args.cluster.cluster_name.clone(),
-        },
+        args.cluster.ownership(),
         metrics.clone(),
         RateLimits {
             qps: args.aws_qps,

@@ -40,6 +40,9 @@ pub mod tags {
     pub const PORT: &str = "cloudlb.io/port";
     /// `loadbalancer`, `targetgroup` or `listener`.
     pub const RESOURCE: &str = "cloudlb.io/resource";
+    /// The `--load-balancer-class` of the installation that made the resource: two
+    /// installations with one cluster name (different classes) never judge each other's.
+    pub const CLASS: &str = "cloudlb.io/load-balancer-class";
     /// `cloudlb.io/allow-binding/<cluster>=true` on a target group made outside cloudlb lets
     /// that cluster's TargetGroupBindings register into it (one tag per cluster; see
     /// `controller::binding::claim`).
@@ -148,6 +151,8 @@ pub enum ModelError {
 #[derive(Clone, Debug)]
 pub struct ClusterContext {
     pub cluster_name: String,
+    /// The load balancer class served; tagged on every resource ([`tags::CLASS`]).
+    pub load_balancer_class: String,
     /// When cloudlb's node proxy serves the NodePorts: its admin port, whose `/readyz` turns
     /// 503 as soon as the proxy starts shutting down. externalTrafficPolicy Cluster target
     /// groups then health-check it (HTTP) instead of the traffic port, so a node leaves the
@@ -187,6 +192,7 @@ mod tests {
     fn cluster() -> ClusterContext {
         ClusterContext {
             cluster_name: "prod".into(),
+            load_balancer_class: "cloudlb.io/nlb".into(),
             node_proxy_health_port: None,
         }
     }
@@ -237,6 +243,16 @@ mod tests {
         assert_eq!(m.tags[tags::CLUSTER], "prod");
         assert_eq!(m.tags[tags::SERVICE], "shop/web");
         assert_eq!(m.tags[tags::SERVICE_UID], "uid-1");
+        assert_eq!(m.tags[tags::CLASS], "cloudlb.io/nlb");
+        assert!(
+            m.target_groups
+                .iter()
+                .all(|t| t.tags[tags::CLASS] == "cloudlb.io/nlb")
+        );
+        assert_eq!(
+            m.managed_security_group.as_ref().unwrap().tags[tags::CLASS],
+            "cloudlb.io/nlb"
+        );
         assert_eq!(tcp.tags[tags::PORT], "tcp-80");
         let l = m.listeners.iter().find(|l| l.port == 53).unwrap();
         assert_eq!(
@@ -369,6 +385,7 @@ mod tests {
     fn node_proxy_readyz_is_the_cluster_policy_health_check_when_configured() {
         let with_proxy = ClusterContext {
             cluster_name: "prod".into(),
+            load_balancer_class: "cloudlb.io/nlb".into(),
             node_proxy_health_port: Some(10266),
         };
         let opts = annotations::parse(&BTreeMap::new()).unwrap();

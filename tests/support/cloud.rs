@@ -379,13 +379,25 @@ impl ControllerProc {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> ControllerProc {
+        Self::start_class(rig, cloud, &cloud.class, extra, env)
+    }
+
+    /// A controller of `cloud`'s cluster serving another load balancer class (a second
+    /// installation with the same cluster name).
+    pub fn start_class(
+        rig: &Rig,
+        cloud: &TestCloud,
+        class: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ControllerProc {
         let metrics_port = free_port();
         let mut args: Vec<String> = [
             "controller",
             "--cluster-name",
             &cloud.cluster,
             "--load-balancer-class",
-            &cloud.class,
+            class,
             "--node-selector",
             &format!("cloudlb.io/test-cluster={}", cloud.cluster),
             "--target-group-binding-selector",
@@ -432,6 +444,14 @@ impl ControllerProc {
         http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics")
             .map(|(_, b)| b)
             .unwrap_or_default()
+    }
+
+    /// The value of an unlabelled metric (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+            .sum()
     }
 
     /// Sum of `cloudlb_aws_api_calls_total` over operations matching `pred`.

@@ -131,17 +131,22 @@ pub async fn aws_config(region: Option<&str>) -> aws_config::SdkConfig {
     loader.load().await
 }
 
-/// Who we are in the account: resources are ours only with this cluster's tag.
+/// Who we are in the account: resources are ours only with this cluster's tag, and, when they
+/// carry a class tag, this installation's class.
 #[derive(Clone, Debug)]
 pub struct Ownership {
     pub cluster: String,
+    pub class: String,
 }
 
 impl Ownership {
-    /// Whether `t` marks a resource of this cluster for Service `ns/name`.
+    /// Whether `t` marks a resource of this cluster and class for Service `ns/name`. A resource
+    /// without a class tag (made before cloudlb tagged classes) is this Service's: a sync adopts
+    /// it by adding the tag; one of another class is another installation's.
     pub fn owns(&self, t: &BTreeMap<String, String>, service: &str) -> bool {
         t.get(tags::CLUSTER) == Some(&self.cluster)
             && t.get(tags::SERVICE).map(String::as_str) == Some(service)
+            && t.get(tags::CLASS).is_none_or(|c| *c == self.class)
     }
 }
 
