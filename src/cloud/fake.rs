@@ -81,6 +81,15 @@ impl FakeCloud {
             .extend((0..n).map(|i| format!("injected failure {}", i + 1)));
     }
 
+    /// Removes the load balancers (and their security groups) of Service `namespace/name` but
+    /// keeps its target groups: what a teardown leaves when DeleteTargetGroup stays
+    /// ResourceInUse past its retries.
+    pub fn leave_only_target_groups_of(&self, service: &str) {
+        let mut s = self.state.lock().expect("fake lock");
+        s.load_balancers.retain(|_, l| !owned_by(&l.tags, service));
+        s.security_groups.retain(|_, g| !owned_by(&g.tags, service));
+    }
+
     /// How many resources (load balancers, target groups, security groups) the fake holds
     /// for Service `namespace/name`.
     pub fn resources_of(&self, service: &str) -> usize {
@@ -116,7 +125,13 @@ impl FakeCloud {
             .target_groups
             .values()
             .filter(|t| owned_by(&t.tags, &q.service))
-            .filter(|t| attached.contains(t.arn.as_str()) || q.target_group_names.contains(&t.name))
+            .filter(|t| {
+                attached.contains(t.arn.as_str())
+                    || q.target_group_names.contains(&t.name)
+                    || q.target_groups_by_tag
+                        .as_ref()
+                        .is_some_and(|p| t.name.starts_with(p.as_str()))
+            })
             .cloned()
             .collect();
         let security_group = s

@@ -62,6 +62,11 @@ pub struct StackQuery {
     /// Teardown: a same-named resource that is not ours is simply not part of the stack
     /// (instead of an error that would block the Service's deletion).
     pub skip_foreign: bool,
+    /// Teardown: also every target group tagged for this Service whose name starts with this
+    /// prefix (the readable part of cloudlb's names), found by listing. A group whose delete
+    /// failed after its load balancer went is attached to nothing and may not be a name the
+    /// Service still models (a ClusterIP Service has no nodePorts), so only its tags find it.
+    pub target_groups_by_tag: Option<String>,
 }
 
 /// A plan ready to deploy: the changes, with the observed stack they start from and the

@@ -18,7 +18,7 @@ pub mod vocabulary;
 
 pub use build::desired_load_balancer;
 pub use health::{HealthCheckOverrides, HealthCheckSpec};
-pub use names::load_balancer_name;
+pub use names::{load_balancer_name, name_prefix};
 pub use nodes::{
     SERVICE_NAME_LABEL, eligible_nodes, endpoint_targets, instance_id_from_provider_id, node_ready,
     slices_of_service,
@@ -302,11 +302,21 @@ mod tests {
             moved.target_groups[0].name, a.target_groups[0].name,
             "a new nodePort is a new target group"
         );
+        assert!(
+            a.target_groups[0]
+                .name
+                .starts_with(&name_prefix("shop", "web"))
+        );
+        assert_eq!(name_prefix("shop", "web"), "k8s-shop-web-");
         let long = load_balancer_name(
             "c",
             "a-very-long-namespace-name",
             "an-even-longer-service-name",
         );
+        assert!(long.starts_with(&name_prefix(
+            "a-very-long-namespace-name",
+            "an-even-longer-service-name"
+        )));
         assert!(long.len() <= 32, "{long}");
         assert!(!long.contains("--"), "{long}");
         let named = model(

@@ -450,7 +450,13 @@ impl ControllerProc {
     pub fn metric(&self, name: &str) -> f64 {
         self.metrics()
             .lines()
-            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+            .filter_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
             .sum()
     }
 

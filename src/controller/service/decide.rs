@@ -179,6 +179,10 @@ fn teardown_query(v: &View) -> StackQuery {
     if let Ok(d) = desire(v, &opts) {
         q.target_group_names = d.target_groups.iter().map(|t| t.name.clone()).collect();
     }
+    q.target_groups_by_tag = Some(model::name_prefix(
+        &v.svc.namespace().unwrap_or_default(),
+        &v.svc.name_any(),
+    ));
     with_pending(&mut q, &v.pending_target_groups);
     q
 }
@@ -236,6 +240,7 @@ fn query(
             .map(|d| d.target_groups.iter().map(|t| t.name.clone()).collect())
             .unwrap_or_default(),
         skip_foreign: desired.is_none(),
+        target_groups_by_tag: None,
     }
 }
 

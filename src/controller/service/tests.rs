@@ -162,3 +162,34 @@ async fn a_standby_replica_neither_calls_the_cloud_nor_writes() {
     );
     assert_eq!(w.journal.entries(), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn a_teardown_finds_target_groups_left_behind_by_their_tags() {
+    let w = World::new(2);
+    let svc = lb_service("shop", "web", 30080);
+    run(&w, &svc).await.unwrap();
+    // The Service became ClusterIP (no nodePorts: its target group names cannot be modelled)
+    // after a teardown deleted the load balancer but not its target group.
+    w.cloud.leave_only_target_groups_of("shop/web");
+    assert_eq!(w.cloud.resources_of("shop/web"), 1);
+    let mut cluster_ip = w.writes.current(&svc);
+    let spec = cluster_ip.spec.as_mut().unwrap();
+    spec.type_ = Some("ClusterIP".into());
+    spec.load_balancer_class = None;
+    spec.ports.as_mut().unwrap()[0].node_port = None;
+    run(&w, &cluster_ip).await.unwrap();
+    assert_eq!(
+        w.cloud.resources_of("shop/web"),
+        0,
+        "{:#?}",
+        w.journal.entries()
+    );
+    assert!(
+        w.journal
+            .entries()
+            .iter()
+            .any(|e| e == "kube:remove-finalizer"),
+        "{:#?}",
+        w.journal.entries()
+    );
+}
