@@ -437,6 +437,7 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
         .collect();
     let ec2_ops = [
         "DescribeSubnets",
+        "DescribeInstances",
         "DescribeSecurityGroups",
         "CreateSecurityGroup",
         "AuthorizeSecurityGroupIngress",

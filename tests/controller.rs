@@ -445,7 +445,8 @@ async fn external_traffic_policy_local_health_check_and_foreign_name_collision()
         .unwrap()
         .to_string();
 
-    let _controller = ControllerProc::start(rig, &cloud, &[]);
+    // The clash needs a chosen name, which only allowed namespaces may set.
+    let _controller = ControllerProc::start(rig, &cloud, &["--custom-name-namespaces", &ns.name]);
     let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
     let mut local = lb_service(
         "local",

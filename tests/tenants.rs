@@ -523,3 +523,330 @@ async fn two_installations_of_one_cluster_never_sweep_each_others_resources() {
         .expect("delete legacy");
     drop((a, b));
 }
+
+/// (reason, message) of the Service's `cloudlb.io/LoadBalancerSynced` condition once its reason
+/// is `reason`.
+async fn synced_condition(api: &Api<Service>, name: &str, reason: &str) -> String {
+    eventually(
+        &format!("{name}: LoadBalancerSynced reason {reason}"),
+        WAIT,
+        || async {
+            let c = api
+                .get(name)
+                .await
+                .ok()?
+                .status?
+                .conditions?
+                .into_iter()
+                .find(|c| c.type_ == "cloudlb.io/LoadBalancerSynced")?;
+            (c.reason == reason && c.status == "False").then_some(c.message)
+        },
+    )
+    .await
+}
+
+/// A security group in `vpc` made by someone else; returns its id.
+async fn foreign_security_group(cloud: &TestCloud, vpc: &str, suffix: &str) -> String {
+    cloud
+        .ec2
+        .create_security_group()
+        .group_name(format!("{}-{suffix}", cloud.cluster))
+        .description("not cloudlb's")
+        .vpc_id(vpc)
+        .send()
+        .await
+        .expect("create security group")
+        .group_id()
+        .expect("id")
+        .to_string()
+}
+
+#[tokio::test]
+async fn service_annotations_cannot_reach_outside_what_the_admin_allows() {
+    let rig = Rig::get();
+    let ns = TestNamespace::new(rig, "tns").await;
+    let team_a = TestNamespace::new(rig, "tnsteam").await;
+    let team_b = TestNamespace::new(rig, "tnsteam").await;
+    let cloud = TestCloud::new(rig, "tns").await;
+    let instance = cloud.instance(None).await;
+    let _node = TestNode::new(
+        rig,
+        "tns-a",
+        "10.213.254.21",
+        Some(&TestCloud::provider_id(&instance)),
+        json!({"cloudlb.io/test-cluster": cloud.cluster}),
+    )
+    .await;
+    // Another VPC in the account (another team's), with an internet-facing subnet and a group.
+    let other_vpc = cloud
+        .ec2
+        .create_vpc()
+        .cidr_block("10.213.0.0/16")
+        .send()
+        .await
+        .expect("vpc")
+        .vpc()
+        .and_then(|v| v.vpc_id())
+        .expect("vpc id")
+        .to_string();
+    let other_subnet = cloud
+        .ec2
+        .create_subnet()
+        .vpc_id(&other_vpc)
+        .cidr_block("10.213.0.0/16")
+        .availability_zone("us-east-1a")
+        .send()
+        .await
+        .expect("subnet")
+        .subnet()
+        .and_then(|s| s.subnet_id())
+        .expect("subnet id")
+        .to_string();
+    let victim_sg = foreign_security_group(&cloud, &cloud.vpc_id, "victim").await;
+    let allowed_sg = foreign_security_group(&cloud, &cloud.vpc_id, "allowed").await;
+    let misplaced_sg = foreign_security_group(&cloud, &other_vpc, "misplaced").await;
+    let allowed_sgs = format!("{allowed_sg},{misplaced_sg}");
+    let _controller = ControllerProc::start(
+        rig,
+        &cloud,
+        &[
+            "--allowed-security-groups",
+            &allowed_sgs,
+            "--allowed-certificates",
+            "arn:aws:acm:us-east-1:000000000000:certificate/team-*",
+            "--custom-name-namespaces",
+            &format!("{},{}", team_a.name, team_b.name),
+        ],
+    );
+    let tenant = tenant_client(rig, &ns.name).await;
+    let svcs: Api<Service> = Api::namespaced(tenant.clone(), &ns.name);
+    let ann = |k: &str, v: &str| json!({ format!("service.beta.kubernetes.io/aws-load-balancer-{k}"): v });
+
+    struct Attack {
+        service: &'static str,
+        annotations: serde_json::Value,
+        reason: &'static str,
+        says: String,
+        tried: String,
+        resource: String,
+    }
+    let attacks = [
+        Attack {
+            service: "grab-sg",
+            annotations: ann("security-groups", &victim_sg),
+            reason: "NotAllowed",
+            says: "not in the controller's allowed security groups".into(),
+            tried: format!(
+                "attach someone else's security group {victim_sg} (same VPC, not allowlisted)"
+            ),
+            resource: victim_sg.clone(),
+        },
+        Attack {
+            service: "far-sg",
+            annotations: ann("security-groups", &misplaced_sg),
+            reason: "OutsideClusterVpc",
+            says: format!("outside the cluster's VPC {}", cloud.vpc_id),
+            tried: format!(
+                "attach allowlisted security group {misplaced_sg}, which is in another VPC"
+            ),
+            resource: misplaced_sg.clone(),
+        },
+        Attack {
+            service: "far-subnet",
+            annotations: json!({
+                "service.beta.kubernetes.io/aws-load-balancer-subnets": other_subnet,
+                "service.beta.kubernetes.io/aws-load-balancer-scheme": "internet-facing",
+            }),
+            reason: "OutsideClusterVpc",
+            says: format!("outside the cluster's VPC {}", cloud.vpc_id),
+            tried: format!("place an internet-facing NLB in another VPC's subnet {other_subnet}"),
+            resource: other_subnet.clone(),
+        },
+        Attack {
+            service: "grab-cert",
+            annotations: ann(
+                "ssl-cert",
+                "arn:aws:acm:us-east-1:000000000000:certificate/payments-prod",
+            ),
+            reason: "NotAllowed",
+            says: "is not an allowed certificate".into(),
+            tried: "terminate TLS with another team's ACM certificate".into(),
+            resource: String::new(),
+        },
+        Attack {
+            service: "squat",
+            annotations: ann("name", "payments-prod"),
+            reason: "NotAllowed",
+            says: format!("Services in namespace {} may not choose", ns.name),
+            tried: "choose a load balancer name (payments-prod) from a namespace not allowed to"
+                .into(),
+            resource: String::new(),
+        },
+    ];
+    let mut before = Vec::new();
+    for a in &attacks {
+        before.push(match a.resource.as_str() {
+            r if r.starts_with("sg-") => cloud.snapshot_security_group(r).await,
+            r if r.starts_with("subnet-") => cloud.snapshot_subnet(r).await,
+            _ => String::new(),
+        });
+    }
+    let inventory_before = cluster_snapshot(&cloud, &[]).await;
+    for a in &attacks {
+        let svc = load_balancer_service(a.service, &cloud.class, a.annotations.clone());
+        svcs.create(&PostParams::default(), &svc)
+            .await
+            .expect("tenant creates a Service");
+    }
+    // The tenant's own plain Service works meanwhile.
+    svcs.create(
+        &PostParams::default(),
+        &load_balancer_service("own", &cloud.class, json!({})),
+    )
+    .await
+    .expect("tenant creates a Service");
+    for (a, before) in attacks.iter().zip(&before) {
+        let message = synced_condition(&svcs, a.service, a.reason).await;
+        assert!(message.contains(&a.says), "{}: {message}", a.service);
+        let note = warning(
+            rig,
+            &ns.name,
+            a.service,
+            "Service",
+            "SyncLoadBalancerFailed",
+        )
+        .await;
+        assert!(
+            note.starts_with(a.reason) && note.contains(&a.says),
+            "{}: {note}",
+            a.service
+        );
+        let after = match a.resource.as_str() {
+            r if r.starts_with("sg-") => cloud.snapshot_security_group(r).await,
+            r if r.starts_with("subnet-") => cloud.snapshot_subnet(r).await,
+            _ => String::new(),
+        };
+        assert_eq!(&after, before, "{}: {} changed", a.service, a.resource);
+        let unchanged = if a.resource.is_empty() {
+            "no AWS resource created for it (inventory)".to_string()
+        } else {
+            format!(
+                "{} (full describe), no AWS resource created for it",
+                a.resource
+            )
+        };
+        attack(
+            &a.tried,
+            &format!("Warning SyncLoadBalancerFailed: {note}"),
+            &unchanged,
+        );
+    }
+    hostname(&svcs, "own").await;
+    let own = format!("{}/own", ns.name);
+    let created: Vec<String> = cluster_snapshot(&cloud, &[])
+        .await
+        .into_iter()
+        .filter(|l| !inventory_before.contains(l) && !l.contains(&own))
+        .filter(|l| l.contains("cloudlb.io/service"))
+        .collect();
+    assert!(
+        created.is_empty(),
+        "only the tenant's own Service got resources: {created:?}"
+    );
+
+    // A name taken by an older Service of another (allowed) namespace.
+    let holder_api: Api<Service> =
+        Api::namespaced(tenant_client(rig, &team_a.name).await, &team_a.name);
+    let late_api: Api<Service> =
+        Api::namespaced(tenant_client(rig, &team_b.name).await, &team_b.name);
+    let name = format!("{}-shared", cloud.cluster);
+    holder_api
+        .create(
+            &PostParams::default(),
+            &load_balancer_service("web", &cloud.class, ann("name", &name)),
+        )
+        .await
+        .expect("create");
+    hostname(&holder_api, "web").await;
+    let lb = cloud.load_balancer(&name).await.expect("holder's NLB");
+    let lb_arn = lb.load_balancer_arn().expect("arn").to_string();
+    let lb_before = cloud.snapshot_load_balancer(&lb_arn).await;
+    late_api
+        .create(
+            &PostParams::default(),
+            &load_balancer_service("web", &cloud.class, ann("name", &name)),
+        )
+        .await
+        .expect("create");
+    let message = synced_condition(&late_api, "web", "NameConflict").await;
+    assert!(
+        message.contains(&format!("already used by Service {}/web", team_a.name)),
+        "{message}"
+    );
+    let late_note = warning(
+        rig,
+        &team_b.name,
+        "web",
+        "Service",
+        "SyncLoadBalancerFailed",
+    )
+    .await;
+    let holder_note = warning(
+        rig,
+        &team_a.name,
+        "web",
+        "Service",
+        "LoadBalancerNameConflict",
+    )
+    .await;
+    assert!(
+        holder_note.contains(&format!("Service {}/web also asks", team_b.name)),
+        "{holder_note}"
+    );
+    assert_eq!(cloud.snapshot_load_balancer(&lb_arn).await, lb_before);
+    attack(
+        &format!(
+            "take load balancer name {name}, which an older Service of another namespace holds"
+        ),
+        &format!(
+            "Warning SyncLoadBalancerFailed: {late_note} — and on the holder, Warning LoadBalancerNameConflict: {holder_note}"
+        ),
+        "the holder's NLB (describe, attributes, tags, listeners)",
+    );
+
+    for (api, names) in [
+        (
+            &svcs,
+            vec![
+                "grab-sg",
+                "far-sg",
+                "far-subnet",
+                "grab-cert",
+                "squat",
+                "own",
+            ],
+        ),
+        (&late_api, vec!["web"]),
+        (&holder_api, vec!["web"]),
+    ] {
+        for n in names {
+            api.delete(n, &DeleteParams::default())
+                .await
+                .expect("delete");
+        }
+    }
+    eventually("every Service torn down", WAIT, || async {
+        (cloud.inventory().await.is_empty() && cloud.security_groups().await.is_empty())
+            .then_some(())
+    })
+    .await;
+    for sg in [&victim_sg, &allowed_sg, &misplaced_sg] {
+        cloud
+            .ec2
+            .delete_security_group()
+            .group_id(sg)
+            .send()
+            .await
+            .expect("delete sg");
+    }
+}

@@ -440,6 +440,17 @@ impl Cloud for FakeCloud {
         Box::pin(async move { Ok(()) })
     }
 
+    fn cluster_vpc<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<String, CloudError>> {
+        Box::pin(async { Ok("vpc-fake".to_string()) })
+    }
+
+    fn vet<'a>(
+        &'a self,
+        _: &'a crate::model::DesiredLoadBalancer,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>> {
         self.journal.push("cloud:inventory");
         Box::pin(async move { Ok(Vec::new()) })

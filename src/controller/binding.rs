@@ -253,6 +253,16 @@ fn conflict(b: &TargetGroupBinding, ctx: &Context) -> Option<Outcome> {
     })
 }
 
+/// A few of the eligible nodes' instances, for learning the cluster's VPC.
+fn node_instances(ctx: &Context) -> Vec<String> {
+    let nodes: Vec<Node> = ctx.nodes.state().iter().map(|n| (**n).clone()).collect();
+    crate::model::eligible_nodes(&nodes, &ctx.cluster.node_selector, true)
+        .into_iter()
+        .take(5)
+        .map(|n| n.instance_id)
+        .collect()
+}
+
 fn binding_key(b: &TargetGroupBinding) -> String {
     format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any())
 }
@@ -310,6 +320,25 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
     if let Some(o) = unusable(b, &tg, &ctx.cluster.cluster_name) {
         report(b, ctx, &o).await?;
         return Ok(Action::requeue(ctx.resync));
+    }
+    match ctx.cloud.cluster_vpc(&node_instances(ctx)).await {
+        Ok(vpc) if vpc == tg.vpc_id => {}
+        Ok(vpc) => {
+            let o = failure(
+                "OutsideClusterVpc",
+                format!(
+                    "target group {} is in VPC {}, not the cluster's VPC {vpc}; nothing was changed",
+                    tg.name, tg.vpc_id
+                ),
+            );
+            report(b, ctx, &o).await?;
+            return Ok(Action::requeue(ctx.resync));
+        }
+        Err(CloudError::Refused { reason, message }) => {
+            report(b, ctx, &failure(reason, message)).await?;
+            return Ok(Action::requeue(ctx.resync));
+        }
+        Err(e) => return Err(sync_failed(b, ctx, e).await),
     }
     let active = match ctx.cloud.active_targets(arn).await {
         Ok(Some(a)) => a,

@@ -11,6 +11,7 @@ pub mod leader;
 pub mod memory;
 pub mod orphans;
 pub mod plan_cmd;
+pub mod policy;
 pub mod service;
 pub mod status;
 #[cfg(test)]
@@ -73,6 +74,9 @@ pub struct ClusterArgs {
     /// (the target-node-labels annotation narrows it further per Service).
     #[arg(long, env = "CLOUDLB_NODE_SELECTOR", value_parser = parse_labels, default_value = "")]
     pub node_selector: std::collections::BTreeMap<String, String>,
+    /// What tenants' annotations may ask for (see [`policy`]).
+    #[command(flatten)]
+    pub policy: policy::PolicyArgs,
 }
 
 impl ClusterArgs {
@@ -309,7 +313,8 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             targets_burst: args.aws_targets_burst,
         },
     )
-    .await;
+    .await
+    .with_vpc(args.cluster.policy.vpc_id.clone());
 
     let (nodes, node_writer) = reflector::store::<Node>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();

@@ -37,7 +37,8 @@ pub async fn run(args: PlanArgs) -> anyhow::Result<()> {
         ControllerMetrics::new(),
         RateLimits::default(),
     )
-    .await;
+    .await
+    .with_vpc(args.cluster.policy.vpc_id.clone());
     let services: Api<Service> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -69,6 +70,7 @@ pub async fn run(args: PlanArgs) -> anyhow::Result<()> {
             slices: &slices,
             pending_target_groups: BTreeSet::new(),
             applied: None,
+            name_holder: None,
             resync: Duration::ZERO,
             now: Instant::now(),
         };

@@ -351,5 +351,10 @@ pub fn desired_load_balancer(
         tags: lb_tags,
         listeners,
         target_groups,
+        node_instances: nodes
+            .iter()
+            .take(5)
+            .map(|n| n.instance_id.clone())
+            .collect(),
     })
 }

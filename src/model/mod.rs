@@ -117,6 +117,9 @@ pub struct DesiredLoadBalancer {
     pub tags: BTreeMap<String, String>,
     pub listeners: Vec<ListenerSpec>,
     pub target_groups: Vec<TargetGroupSpec>,
+    /// A few of the eligible nodes' EC2 instances, from which the cloud edge learns the
+    /// cluster's VPC when `--vpc-id` is not given.
+    pub node_instances: Vec<String>,
 }
 
 /// A node that may receive traffic, with the EC2 instance behind it.

@@ -303,6 +303,62 @@ impl TestCloud {
         format!("group: {tg:?}\nattributes: {attrs:?}\ntags: {tag_list:?}\ntargets: {targets:?}")
     }
 
+    /// A full describe of a security group (rules, tags, VPC), for before/after comparisons.
+    pub async fn snapshot_security_group(&self, id: &str) -> String {
+        let out = self
+            .ec2
+            .describe_security_groups()
+            .group_ids(id)
+            .send()
+            .await
+            .expect("describe security group");
+        format!("{:?}", out.security_groups())
+    }
+
+    /// A full describe of a subnet (tags, VPC, zone), for before/after comparisons.
+    pub async fn snapshot_subnet(&self, id: &str) -> String {
+        let out = self
+            .ec2
+            .describe_subnets()
+            .subnet_ids(id)
+            .send()
+            .await
+            .expect("describe subnet");
+        format!("{:?}", out.subnets())
+    }
+
+    /// A full describe of a load balancer: itself, attributes, tags and listeners.
+    pub async fn snapshot_load_balancer(&self, arn: &str) -> String {
+        let lb = self
+            .elb
+            .describe_load_balancers()
+            .load_balancer_arns(arn)
+            .send()
+            .await
+            .expect("describe load balancer");
+        let attributes = self
+            .elb
+            .describe_load_balancer_attributes()
+            .load_balancer_arn(arn)
+            .send()
+            .await
+            .expect("attributes");
+        let tags = self
+            .elb
+            .describe_tags()
+            .resource_arns(arn)
+            .send()
+            .await
+            .expect("tags");
+        format!(
+            "{:?}\n{:?}\n{:?}\n{:?}",
+            lb.load_balancers(),
+            attributes.attributes(),
+            tags.tag_descriptions(),
+            self.listeners(arn).await
+        )
+    }
+
     /// Security groups tagged with this test's cluster: (id, ingress as (protocol, port, cidr)).
     pub async fn security_groups(&self) -> Vec<(String, BTreeSet<(String, i32, String)>)> {
         let f = Filter::builder()
@@ -404,6 +460,8 @@ impl ControllerProc {
             &format!("cloudlb.io/test-cluster={}", cloud.cluster),
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
+            "--vpc-id",
+            &cloud.vpc_id,
         ]
         .iter()
         .map(|s| s.to_string())

@@ -86,6 +86,7 @@ pub mod ops {
     pub const DESCRIBE_LOAD_BALANCERS: Op = Op::general("DescribeLoadBalancers");
     pub const DESCRIBE_SECURITY_GROUPS: Op = Op::general("DescribeSecurityGroups");
     pub const DESCRIBE_SUBNETS: Op = Op::general("DescribeSubnets");
+    pub const DESCRIBE_INSTANCES: Op = Op::general("DescribeInstances");
     pub const DESCRIBE_TAGS: Op = Op::general("DescribeTags");
     pub const DESCRIBE_TARGET_GROUP_ATTRIBUTES: Op = Op::general("DescribeTargetGroupAttributes");
     pub const DESCRIBE_TARGET_GROUPS: Op = Op::general("DescribeTargetGroups");
@@ -159,6 +160,8 @@ pub struct AwsCloud {
     pub(super) general: TokenBucket,
     pub(super) targets: TokenBucket,
     pub(super) networks: Mutex<BTreeMap<String, Network>>,
+    /// `--vpc-id`, or the VPC found from the nodes' instances (once).
+    pub(super) vpc: Mutex<Option<String>>,
 }
 
 /// The error code AWS (or LocalStack) gave, if any.
@@ -278,6 +281,7 @@ impl AwsCloud {
             general: TokenBucket::new(limits.qps, limits.burst),
             targets: TokenBucket::new(limits.targets_qps, limits.targets_burst),
             networks: Mutex::new(BTreeMap::new()),
+            vpc: Mutex::new(None),
         }
     }
 
@@ -289,6 +293,14 @@ impl AwsCloud {
         limits: RateLimits,
     ) -> AwsCloud {
         AwsCloud::new(&aws_config(region).await, owner, metrics, limits)
+    }
+
+    /// Pins the cluster's VPC (`--vpc-id`); without it the VPC is found from the nodes.
+    pub fn with_vpc(self, vpc: Option<String>) -> AwsCloud {
+        AwsCloud {
+            vpc: Mutex::new(vpc),
+            ..self
+        }
     }
 
     pub fn owner(&self) -> &Ownership {

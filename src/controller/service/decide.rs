@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{Resource, ResourceExt};
 
-use super::super::ClusterArgs;
 use super::super::status::{current_hostname, has_finalizer};
+use super::super::{ClusterArgs, policy};
 use crate::annotations::{self, LoadBalancerOptions};
 use crate::cloud::StackQuery;
 use crate::model::{self, DesiredLoadBalancer, ModelError, TargetType};
@@ -39,6 +39,8 @@ pub struct View<'a> {
     pub pending_target_groups: BTreeSet<String>,
     /// The last full sync (`None` for `cloudlb plan`, which has no memory).
     pub applied: Option<Applied>,
+    /// Another Service of ours, older, that wants the same load balancer name (`ns/name`).
+    pub name_holder: Option<String>,
     pub resync: Duration,
     pub now: Instant,
 }
@@ -53,6 +55,9 @@ pub enum Next {
         reason: &'static str,
         message: String,
     },
+    /// The load balancer name is another (older) Service's: refused like bad input, and the
+    /// holder is told too.
+    NameTaken { name: String, holder: String },
     /// Same desired state as the last sync, within the resync period: no cloud call.
     UpToDate,
     /// Observe what `query` names, plan towards `desired`, deploy.
@@ -124,6 +129,22 @@ pub fn decide(v: &View) -> Next {
             };
         }
     };
+    let refused = policy::refusals(
+        &opts,
+        &svc.namespace().unwrap_or_default(),
+        &v.cluster.policy,
+    );
+    if !refused.is_empty() {
+        let message = refused
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Next::Invalid {
+            reason: "NotAllowed",
+            message,
+        };
+    }
     let desired = match desire(v, &opts) {
         Ok(d) => d,
         Err(e) => {
@@ -133,6 +154,12 @@ pub fn decide(v: &View) -> Next {
             };
         }
     };
+    if let Some(holder) = &v.name_holder {
+        return Next::NameTaken {
+            name: desired.name,
+            holder: holder.clone(),
+        };
+    }
     let desired_hash = hash_of(&desired);
     if let Some(a) = &v.applied {
         if a.desired_hash == desired_hash
@@ -192,6 +219,10 @@ fn teardown_query(v: &View) -> StackQuery {
 /// modelled (bad annotations): then nothing of it can be judged unreachable.
 pub fn reachable_names(v: &View) -> Option<(Vec<String>, Vec<String>)> {
     let opts = annotations::parse(v.svc.annotations()).ok()?;
+    let ns = v.svc.namespace().unwrap_or_default();
+    if !policy::refusals(&opts, &ns, &v.cluster.policy).is_empty() {
+        return None;
+    }
     let desired = desire(v, &opts).ok()?;
     let q = query(v.svc, Some(&desired), &opts, &v.cluster.cluster_name);
     Some((q.load_balancer_names, q.target_group_names))
@@ -274,6 +305,7 @@ mod tests {
 
     fn cluster(default_class: bool) -> ClusterArgs {
         ClusterArgs {
+            policy: Default::default(),
             cluster_name: "c".into(),
             load_balancer_class: "cloudlb.io/nlb".into(),
             default_class,
