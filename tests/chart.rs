@@ -494,10 +494,20 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
         let condition = s["Condition"].to_string();
         for action in actions_of(s) {
             let name = action.split(':').nth(1).unwrap_or_default();
+            // Guarded by this cluster's own name, never just by the tag's presence (`Null`
+            // would let any cluster's tag pass).
+            let equals = s["Condition"]["StringEquals"].to_string();
             if name.starts_with("Create") || name == "AddTags" {
                 assert!(
-                    condition.contains("aws:RequestTag/cloudlb.io/cluster"),
-                    "{action} must require the cluster request tag: {s}"
+                    equals.contains(r#""aws:RequestTag/cloudlb.io/cluster":"prod""#)
+                        || equals.contains(r#""aws:ResourceTag/cloudlb.io/cluster":"prod""#),
+                    "{action} must require this cluster's tag: {s}"
+                );
+            }
+            if let Some(null) = s["Condition"]["Null"].as_object() {
+                assert!(
+                    null.values().all(|v| v == "true"),
+                    "a Null condition may only forbid a tag, never stand in for the cluster's name: {s}"
                 );
             }
             if name == "RegisterTargets" || name == "DeregisterTargets" {
@@ -516,7 +526,7 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
                 || name == "DeregisterTargets");
             if guarded_by_resource_tag {
                 assert!(
-                    condition.contains("aws:ResourceTag/cloudlb.io/cluster"),
+                    equals.contains(r#""aws:ResourceTag/cloudlb.io/cluster":"prod""#),
                     "{action} must be limited to resources with the cluster tag: {s}"
                 );
             }
