@@ -491,7 +491,6 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
 
     for s in statements {
         assert_eq!(s["Effect"], "Allow");
-        let condition = s["Condition"].to_string();
         for action in actions_of(s) {
             let name = action.split(':').nth(1).unwrap_or_default();
             // Guarded by this cluster's own name, never just by the tag's presence (`Null`

@@ -305,41 +305,13 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
         }
     }
 
-    let tg = match ctx.cloud.target_group(arn).await {
-        Ok(Some(tg)) => tg,
-        Ok(None) => {
-            let o = failure(
-                "TargetGroupNotFound",
-                format!("target group {arn} does not exist"),
-            );
-            report(b, ctx, &o).await?;
+    let tg = match usable_group(b, ctx).await? {
+        Ok(tg) => tg,
+        Err(refusal) => {
+            report(b, ctx, &refusal).await?;
             return Ok(Action::requeue(ctx.resync));
         }
-        Err(e) => return Err(sync_failed(b, ctx, e).await),
     };
-    if let Some(o) = unusable(b, &tg, &ctx.cluster.cluster_name) {
-        report(b, ctx, &o).await?;
-        return Ok(Action::requeue(ctx.resync));
-    }
-    match ctx.cloud.cluster_vpc(&node_instances(ctx)).await {
-        Ok(vpc) if vpc == tg.vpc_id => {}
-        Ok(vpc) => {
-            let o = failure(
-                "OutsideClusterVpc",
-                format!(
-                    "target group {} is in VPC {}, not the cluster's VPC {vpc}; nothing was changed",
-                    tg.name, tg.vpc_id
-                ),
-            );
-            report(b, ctx, &o).await?;
-            return Ok(Action::requeue(ctx.resync));
-        }
-        Err(CloudError::Refused { reason, message }) => {
-            report(b, ctx, &failure(reason, message)).await?;
-            return Ok(Action::requeue(ctx.resync));
-        }
-        Err(e) => return Err(sync_failed(b, ctx, e).await),
-    }
     let active = match ctx.cloud.active_targets(arn).await {
         Ok(Some(a)) => a,
         Ok(None) => BTreeSet::new(),
@@ -347,10 +319,73 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
     };
     let owned = status::owned_targets(b.status.as_ref(), || desired.clone());
     let ledger = claim::Ledger::between(&desired, &active, &owned);
+    write_targets(b, ctx, &tg, &owned, &ledger).await?;
+    let count = i32::try_from(desired.len()).unwrap_or(i32::MAX);
+    let outcome = Outcome {
+        ready: true,
+        reason: "TargetsRegistered".into(),
+        message: format!(
+            "{count} target(s) of Service {} registered in target group {}",
+            b.spec.service_ref.name, tg.name
+        ),
+        registered: Some(count),
+        owned: Some(ledger.owned_after),
+    };
+    report(b, ctx, &outcome).await?;
+    ctx.bindings
+        .applied
+        .insert(reference, (hash, Instant::now()));
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// The bound group, if this binding may use it: it exists, carries a tag for this cluster,
+/// takes the binding's target type and is in the cluster's VPC. `Ok(Err(outcome))`: refused,
+/// nothing written.
+async fn usable_group(
+    b: &TargetGroupBinding,
+    ctx: &Context,
+) -> Result<Result<BoundTargetGroup, Outcome>, BindingError> {
+    let arn = &b.spec.target_group_arn;
+    let tg = match ctx.cloud.target_group(arn).await {
+        Ok(Some(tg)) => tg,
+        Ok(None) => {
+            return Ok(Err(failure(
+                "TargetGroupNotFound",
+                format!("target group {arn} does not exist"),
+            )));
+        }
+        Err(e) => return Err(sync_failed(b, ctx, e).await),
+    };
+    if let Some(o) = unusable(b, &tg, &ctx.cluster.cluster_name) {
+        return Ok(Err(o));
+    }
+    match ctx.cloud.cluster_vpc(&node_instances(ctx)).await {
+        Ok(vpc) if vpc == tg.vpc_id => Ok(Ok(tg)),
+        Ok(vpc) => Ok(Err(failure(
+            "OutsideClusterVpc",
+            format!(
+                "target group {} is in VPC {}, not the cluster's VPC {vpc}; nothing was changed",
+                tg.name, tg.vpc_id
+            ),
+        ))),
+        Err(CloudError::Refused { reason, message }) => Ok(Err(failure(reason, message))),
+        Err(e) => Err(sync_failed(b, ctx, e).await),
+    }
+}
+
+/// Registers what the ledger adds (remembering it first) and deregisters what it takes out.
+async fn write_targets(
+    b: &TargetGroupBinding,
+    ctx: &Context,
+    tg: &BoundTargetGroup,
+    owned: &BTreeSet<Target>,
+    ledger: &claim::Ledger,
+) -> Result<(), BindingError> {
+    let arn = &b.spec.target_group_arn;
     if !ledger.register.is_empty() {
         // Remembered before registering: a crash in between never leaves a target of ours
         // the binding would not take out again.
-        if ledger.intent != owned {
+        if ledger.intent != *owned {
             status::remember_targets(&ctx.client, b, &ledger.intent).await?;
         }
         if let Err(e) = ctx.cloud.register_targets(arn, &ledger.register).await {
@@ -390,22 +425,7 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
         )
         .await;
     }
-    let count = i32::try_from(desired.len()).unwrap_or(i32::MAX);
-    let outcome = Outcome {
-        ready: true,
-        reason: "TargetsRegistered".into(),
-        message: format!(
-            "{count} target(s) of Service {} registered in target group {}",
-            b.spec.service_ref.name, tg.name
-        ),
-        registered: Some(count),
-        owned: Some(ledger.owned_after),
-    };
-    report(b, ctx, &outcome).await?;
-    ctx.bindings
-        .applied
-        .insert(reference, (hash, Instant::now()));
-    Ok(Action::requeue(ctx.resync))
+    Ok(())
 }
 
 /// Deregisters what the binding registered itself (its status remembers it), so the finalizer

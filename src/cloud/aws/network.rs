@@ -104,30 +104,7 @@ impl AwsCloud {
                     .collect()
             }
         };
-        if wanted.is_some() {
-            let outside: Vec<String> = subnets
-                .iter()
-                .filter(|s| s.vpc_id() != Some(vpc.as_str()))
-                .map(|s| {
-                    format!(
-                        "{} (VPC {})",
-                        s.subnet_id().unwrap_or_default(),
-                        s.vpc_id().unwrap_or_default()
-                    )
-                })
-                .collect();
-            if !outside.is_empty() {
-                return Err(refused(format!(
-                    "annotation service.beta.kubernetes.io/aws-load-balancer-subnets: subnet(s) {} are outside the cluster's VPC {vpc}; nothing was created",
-                    outside.join(", ")
-                )));
-            }
-        }
-        // Discovery only ever looks inside the cluster's VPC.
-        let subnets: Vec<ec2::types::Subnet> = subnets
-            .into_iter()
-            .filter(|s| s.vpc_id() == Some(vpc.as_str()))
-            .collect();
+        let subnets = inside_vpc(subnets, wanted.is_some(), &vpc)?;
         let mut by_zone: BTreeMap<String, &ec2::types::Subnet> = BTreeMap::new();
         for s in &subnets {
             by_zone
@@ -158,6 +135,34 @@ impl AwsCloud {
         self.networks.lock().await.insert(key, n.clone());
         Ok(n)
     }
+}
+
+/// The subnets inside `vpc`. The annotation's (`named`) must all be: any outside is refused;
+/// discovery only ever looks inside.
+fn inside_vpc(
+    subnets: Vec<ec2::types::Subnet>,
+    named: bool,
+    vpc: &str,
+) -> Result<Vec<ec2::types::Subnet>, CloudError> {
+    let (inside, outside): (Vec<_>, Vec<_>) =
+        subnets.into_iter().partition(|s| s.vpc_id() == Some(vpc));
+    if named && !outside.is_empty() {
+        let list: Vec<String> = outside
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (VPC {})",
+                    s.subnet_id().unwrap_or_default(),
+                    s.vpc_id().unwrap_or_default()
+                )
+            })
+            .collect();
+        return Err(refused(format!(
+            "annotation service.beta.kubernetes.io/aws-load-balancer-subnets: subnet(s) {} are outside the cluster's VPC {vpc}; nothing was created",
+            list.join(", ")
+        )));
+    }
+    Ok(inside)
 }
 
 impl AwsCloud {
