@@ -90,6 +90,9 @@ impl Plan {
 pub struct Deployed {
     /// The load balancer's DNS name, when one exists after the plan.
     pub dns_name: Option<String>,
+    /// Target group name → ARN of every group the stack holds after the plan: the handles a
+    /// later node change registers and deregisters through, without observing again.
+    pub target_group_arns: BTreeMap<String, String>,
 }
 
 /// A target group bound by a TargetGroupBinding, as read from the cloud.

@@ -6,6 +6,7 @@
 //! [`service::reconcile`] per Service key, the other [`binding::reconcile`] per binding key.
 
 pub mod binding;
+pub mod bursts;
 pub mod events;
 pub mod leader;
 pub mod memory;
@@ -428,12 +429,10 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     })
     .applied_objects();
 
+    // No debounce: a Service's own change is reconciled at once. Node and EndpointSlice
+    // changes come in bursts and are coalesced below.
     let controller = Controller::for_stream(service_stream, services.clone())
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(args.concurrency)
-                .debounce(Duration::from_millis(200)),
-        )
+        .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .trigger_backoff(watch_backoff());
     let service_store = controller.store();
     let svc_store_for_nodes = service_store.clone();
@@ -525,25 +524,44 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         }
     });
 
-    let services = controller
-        .watches_stream(node_stream, move |node: Node| {
-            // A relevant node change may move targets of every instance-target Service we serve.
-            let _ = node;
-            svc_store_for_nodes
-                .state()
+    // A burst of relevant node changes wakes every instance-target Service we serve once.
+    let node_wakes = bursts::bursts(
+        node_stream.map(|_| ()).boxed(),
+        bursts::QUIET,
+        bursts::LONGEST,
+    )
+    .flat_map(move |_| {
+        let ours: Vec<ObjectRef<Service>> = svc_store_for_nodes
+            .state()
+            .into_iter()
+            .filter(|s| service::is_ours(s, &cluster_for_nodes))
+            .map(|s| ObjectRef::from_obj(&*s))
+            .collect();
+        futures::stream::iter(ours)
+    });
+    // Endpoint changes matter only to ip-target Services; a burst wakes each once.
+    let slice_wakes = bursts::bursts(slice_stream.boxed(), bursts::QUIET, bursts::LONGEST)
+        .flat_map(move |batch| {
+            let keys: std::collections::BTreeSet<(String, String)> = batch
                 .into_iter()
-                .filter(|s| service::is_ours(s, &cluster_for_nodes))
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
-        })
-        .watches_stream(slice_stream, move |slice: EndpointSlice| {
-            // Endpoint changes matter only to ip-target Services.
-            let ns = slice.namespace().unwrap_or_default();
-            let name = slice.labels().get(SERVICE_NAME_LABEL).cloned();
-            name.and_then(|n| svc_store_for_slices.get(&ObjectRef::new(&n).within(&ns)))
+                .filter_map(Result::ok)
+                .filter_map(|slice| {
+                    let ns = slice.namespace().unwrap_or_default();
+                    let name = slice.labels().get(SERVICE_NAME_LABEL).cloned()?;
+                    Some((ns, name))
+                })
+                .collect();
+            let wake: Vec<ObjectRef<Service>> = keys
+                .into_iter()
+                .filter_map(|(ns, n)| svc_store_for_slices.get(&ObjectRef::new(&n).within(&ns)))
                 .filter(|s| service::is_ours(s, &cluster_for_slices) && service::uses_ip_targets(s))
                 .map(|s| ObjectRef::from_obj(&*s))
-        })
+                .collect();
+            futures::stream::iter(wake)
+        });
+    let services = controller
+        .reconcile_on(node_wakes)
+        .reconcile_on(slice_wakes)
         .reconcile_all_on(lead_rx)
         .graceful_shutdown_on(stop())
         .run(service::reconcile, service::error_policy, ctx.clone())

@@ -211,6 +211,13 @@ impl World {
         .expect("node");
         self.nodes.apply_watcher_event(&watcher::Event::Apply(node));
     }
+
+    /// Removes a node from the cache.
+    pub fn remove_node(&mut self, name: &str) {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).expect("node");
+        self.nodes
+            .apply_watcher_event(&watcher::Event::Delete(node));
+    }
 }
 
 fn synced_token() -> CancellationToken {

@@ -19,7 +19,7 @@ use crate::cloud::{CloudError, Deployed, Plan};
 use crate::model::{DesiredLoadBalancer, HealthCheckSpec, IngressRule, TargetGroupSpec, tags};
 
 /// Arns learned while applying a plan (existing ones from observation, new ones on create).
-/// Private to the AWS edge: the controller sees plans and their outcome, never ARNs.
+/// Private to the AWS edge: the controller sees plans and their outcome ([`Deployed`]).
 #[derive(Clone, Debug, Default)]
 pub(super) struct ApplyState {
     pub(super) load_balancer_arn: Option<String>,
@@ -94,6 +94,7 @@ impl AwsCloud {
         }
         Ok(Deployed {
             dns_name: st.dns_name,
+            target_group_arns: st.target_group_arns,
         })
     }
 

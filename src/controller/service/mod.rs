@@ -24,7 +24,8 @@ use crate::cloud::plan::Change;
 use crate::cloud::{Cloud, CloudError, Plan, StackQuery};
 use crate::model::DesiredLoadBalancer;
 pub use decide::{
-    Applied, Next, View, decide, is_ours, name_from_hostname, node_selector, uses_ip_targets,
+    Applied, Next, RegisteredGroup, TargetChange, View, decide, is_ours, name_from_hostname,
+    node_selector, uses_ip_targets,
 };
 
 /// Why a reconcile failed; all are retried with backoff, and reported as Events.
@@ -145,6 +146,12 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Reconci
         Next::Ignore => Ok(Action::await_change()),
         Next::Invalid { reason, message } => invalid(svc, ctx, reason, &message).await,
         Next::UpToDate => Ok(Action::requeue(ctx.resync)),
+        Next::Restore { hostname } => restore(svc, ctx, hostname.as_deref()).await,
+        Next::Retarget {
+            desired,
+            desired_hash,
+            changes,
+        } => retarget(svc, ctx, &desired, desired_hash, &changes).await,
         Next::Sync {
             desired,
             desired_hash,
@@ -173,11 +180,19 @@ async fn sync(
     };
     let name = desired.name.clone();
     let plan = Plan::new(Some(desired), observed);
-    let hostname = if plan.changes.is_empty() {
-        plan.observed
+    let (hostname, arns) = if plan.changes.is_empty() {
+        let arns = plan
+            .observed
+            .target_groups
+            .iter()
+            .map(|t| (t.name.clone(), t.arn.clone()))
+            .collect();
+        let hostname = plan
+            .observed
             .load_balancer
             .as_ref()
-            .map(|l| l.dns_name.clone())
+            .map(|l| l.dns_name.clone());
+        (hostname, arns)
     } else {
         let creating = plan.observed.load_balancer.is_none();
         if creating {
@@ -203,8 +218,11 @@ async fn sync(
         };
         ctx.writes.event(svc, note).await;
         info!(changes = plan.changes.len(), %summary, "load balancer synced");
-        deployed.dns_name
+        (deployed.dns_name, deployed.target_group_arns)
     };
+    let desired = plan.desired.as_ref().ok_or_else(|| {
+        ReconcileError::Cloud(CloudError::Internal("sync without desired state".into()))
+    })?;
     // The stack matches the plan: every target group a plan created is attached, and every
     // observed one it did not want is gone.
     ctx.services_memory.pending_target_groups.remove(&key);
@@ -223,13 +241,98 @@ async fn sync(
         key,
         Applied {
             desired_hash,
+            structure_hash: decide::structure_hash(desired),
             hostname,
             at: Instant::now(),
+            target_groups: decide::registered_groups(desired, &arns),
         },
     );
     ctx.metrics
         .managed_load_balancers
         .set(ctx.services_memory.managed());
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// The cached Service lacks what the last sync wrote (finalizer, hostname): write it again
+/// from memory, without asking the cloud.
+async fn restore(
+    svc: &Service,
+    ctx: &Context,
+    hostname: Option<&str>,
+) -> Result<Action, ReconcileError> {
+    ctx.writes.add_finalizer(svc, &ctx.finalizer).await?;
+    ctx.writes
+        .update_status(
+            svc,
+            status::Update {
+                hostname,
+                synced: true,
+                reason: "Synced",
+                message: "load balancer matches the Service",
+            },
+        )
+        .await?;
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// Only targets changed: one RegisterTargets and/or DeregisterTargets per changed group,
+/// new targets before old ones go, all groups at once; no observe. Anything unexpected
+/// (a group gone) fails the reconcile and forgets the memory, so the retry observes in full.
+async fn retarget(
+    svc: &Service,
+    ctx: &Context,
+    desired: &DesiredLoadBalancer,
+    desired_hash: u64,
+    changes: &[TargetChange],
+) -> Result<Action, ReconcileError> {
+    let key = ObjectRef::from_obj(svc);
+    let cloud = ctx.cloud.as_ref();
+    let registered = futures::future::try_join_all(
+        changes
+            .iter()
+            .filter(|c| !c.register.is_empty())
+            .map(|c| cloud.register_targets(&c.arn, &c.register)),
+    )
+    .await;
+    let deregistered = match registered {
+        Ok(_) => {
+            futures::future::try_join_all(
+                changes
+                    .iter()
+                    .filter(|c| !c.deregister.is_empty())
+                    .map(|c| cloud.deregister_targets(&c.arn, &c.deregister)),
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = deregistered {
+        ctx.services_memory.applied.remove(&key);
+        return Err(sync_failed(svc, ctx, e).await.into());
+    }
+    let (added, removed) = changes.iter().fold((0, 0), |(a, r), c| {
+        (a + c.register.len(), r + c.deregister.len())
+    });
+    info!(groups = changes.len(), added, removed, "targets updated");
+    let note = normal(
+        "UpdatedLoadBalancer",
+        format!(
+            "Updated load balancer {}: targets +{added} -{removed} in {} target group(s)",
+            desired.name,
+            changes.len()
+        ),
+    );
+    ctx.writes.event(svc, note).await;
+    if let Some(mut a) = ctx.services_memory.applied.get(&key) {
+        let arns = a
+            .target_groups
+            .iter()
+            .map(|(n, g)| (n.clone(), g.arn.clone()))
+            .collect();
+        a.desired_hash = desired_hash;
+        a.target_groups = decide::registered_groups(desired, &arns);
+        ctx.services_memory.applied.insert(key, a);
+    }
     Ok(Action::requeue(ctx.resync))
 }
 
@@ -364,7 +467,10 @@ pub async fn dry_run(view: &View<'_>, cloud: &dyn Cloud) -> Result<DryRun, Cloud
         Next::Invalid { reason, message } => {
             return Ok(DryRun::Invalid(format!("{reason}: {message}")));
         }
-        Next::UpToDate => return Ok(DryRun::UpToDate),
+        // Both need the memory of a sync, which `cloudlb plan` does not have.
+        Next::UpToDate | Next::Restore { .. } | Next::Retarget { .. } => {
+            return Ok(DryRun::UpToDate);
+        }
         Next::Sync { desired, query, .. } => (Some(*desired), query),
         Next::Teardown { query, .. } => (None, query),
     };
