@@ -362,6 +362,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let node_stream = reflector::reflector(
         node_writer,
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .modify(trim_node)
             .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_nodes))
@@ -393,6 +394,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
         )
+        .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
         .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_slices))
@@ -409,6 +411,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
         )
+        .modify(|s: &mut Service| s.managed_fields_mut().clear())
         .backoff(watch_backoff()),
     )
     .inspect(mark_synced(services_synced.clone()))
@@ -697,6 +700,16 @@ fn watch_backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
 }
 
 /// The part of a Node that decides whether (and where) it receives traffic.
+/// Drops what the controller never reads from a cached Node: managedFields and the image
+/// list (often the largest part of a real node's status), so a large cluster's cache stays
+/// small.
+fn trim_node(n: &mut Node) {
+    n.managed_fields_mut().clear();
+    if let Some(status) = n.status.as_mut() {
+        status.images = None;
+    }
+}
+
 fn node_relevance(n: &Node) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -180,7 +180,7 @@ async fn sync(
     };
     let name = desired.name.clone();
     let plan = Plan::new(Some(desired), observed);
-    let (hostname, arns) = if plan.changes.is_empty() {
+    let (hostname, arns, note) = if plan.changes.is_empty() {
         let arns = plan
             .observed
             .target_groups
@@ -192,15 +192,18 @@ async fn sync(
             .load_balancer
             .as_ref()
             .map(|l| l.dns_name.clone());
-        (hostname, arns)
+        (hostname, arns, None)
     } else {
         let creating = plan.observed.load_balancer.is_none();
-        if creating {
-            let note = normal("EnsuringLoadBalancer", "Ensuring load balancer");
-            ctx.writes.event(svc, note).await;
-        }
         remember_created(&plan.changes, ctx, &key);
-        let deployed = match ctx.cloud.deploy(&plan).await {
+        // The Event is not on the way to the hostname: it is written while AWS works.
+        let deployed = if creating {
+            let note = normal("EnsuringLoadBalancer", "Ensuring load balancer");
+            tokio::join!(ctx.writes.event(svc, note), ctx.cloud.deploy(&plan)).1
+        } else {
+            ctx.cloud.deploy(&plan).await
+        };
+        let deployed = match deployed {
             Ok(d) => d,
             Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
         };
@@ -216,9 +219,8 @@ async fn sync(
                 format!("Updated load balancer {name}: {summary}"),
             )
         };
-        ctx.writes.event(svc, note).await;
         info!(changes = plan.changes.len(), %summary, "load balancer synced");
-        (deployed.dns_name, deployed.target_group_arns)
+        (deployed.dns_name, deployed.target_group_arns, Some(note))
     };
     let desired = plan.desired.as_ref().ok_or_else(|| {
         ReconcileError::Cloud(CloudError::Internal("sync without desired state".into()))
@@ -237,6 +239,10 @@ async fn sync(
             },
         )
         .await?;
+    // After the status: the hostname does not wait for the Event.
+    if let Some(note) = note {
+        ctx.writes.event(svc, note).await;
+    }
     ctx.services_memory.applied.insert(
         key,
         Applied {
