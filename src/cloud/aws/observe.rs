@@ -40,7 +40,10 @@ impl AwsCloud {
             if !seen.insert(name.clone()) {
                 continue;
             }
-            let lb = match self.find_load_balancer(name, &q.service).await {
+            let lb = match self
+                .find_load_balancer(name, &q.service, q.identities_only)
+                .await
+            {
                 Ok(Some((lb, duplicates))) => {
                     stack.duplicate_load_balancers.extend(duplicates);
                     lb
@@ -124,8 +127,11 @@ impl AwsCloud {
         // Attributes and targets of every group at once.
         stack.target_groups =
             futures::future::try_join_all(ours.into_iter().map(|(tg, arn, name, t)| async move {
-                let (attributes, targets) =
-                    tokio::try_join!(self.target_group_attributes(&arn), self.targets_of(&arn))?;
+                let (attributes, targets) = if q.identities_only {
+                    Default::default()
+                } else {
+                    tokio::try_join!(self.target_group_attributes(&arn), self.targets_of(&arn))?
+                };
                 Ok::<_, CloudError>(ObservedTargetGroup {
                     health_check: observed_health_check(&tg),
                     protocol: tg.protocol().and_then(|p| Protocol::from_aws(p.as_str())),
@@ -206,6 +212,7 @@ impl AwsCloud {
         &self,
         name: &str,
         service: &str,
+        identities_only: bool,
     ) -> Result<Option<(ObservedLoadBalancer, Vec<(String, String)>)>, CloudError> {
         let res = self
             .call(ops::DESCRIBE_LOAD_BALANCERS, || {
@@ -241,17 +248,25 @@ impl AwsCloud {
                 name: name.to_string(),
             });
         }
-        let (attrs, listeners) = tokio::try_join!(
-            self.call(ops::DESCRIBE_LOAD_BALANCER_ATTRIBUTES, || {
-                self.elb
-                    .describe_load_balancer_attributes()
-                    .load_balancer_arn(&arn)
-                    .send()
-            }),
-            self.call(ops::DESCRIBE_LISTENERS, || {
-                self.elb.describe_listeners().load_balancer_arn(&arn).send()
-            })
-        )?;
+        let (attrs, listeners) = if identities_only {
+            use aws_sdk_elasticloadbalancingv2::operation as elb_op;
+            (
+                elb_op::describe_load_balancer_attributes::DescribeLoadBalancerAttributesOutput::builder().build(),
+                elb_op::describe_listeners::DescribeListenersOutput::builder().build(),
+            )
+        } else {
+            tokio::try_join!(
+                self.call(ops::DESCRIBE_LOAD_BALANCER_ATTRIBUTES, || {
+                    self.elb
+                        .describe_load_balancer_attributes()
+                        .load_balancer_arn(&arn)
+                        .send()
+                }),
+                self.call(ops::DESCRIBE_LISTENERS, || {
+                    self.elb.describe_listeners().load_balancer_arn(&arn).send()
+                })
+            )?
+        };
         let observed = ObservedLoadBalancer {
             name: lb.load_balancer_name().unwrap_or_default().to_string(),
             dns_name: lb.dns_name().unwrap_or_default().to_string(),

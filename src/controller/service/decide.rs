@@ -287,6 +287,7 @@ fn query(
             .map(|d| d.target_groups.iter().map(|t| t.name.clone()).collect())
             .unwrap_or_default(),
         skip_foreign: desired.is_none(),
+        identities_only: desired.is_none(),
     }
 }
 
