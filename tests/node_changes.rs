@@ -140,7 +140,7 @@ async fn node_joins_and_leaves_cost_one_call_per_target_group() {
         );
         instances.insert(i);
     }
-    let args = ["--aws-qps", "0"];
+    let args: [&str; 0] = [];
     let mut controller = ControllerProc::start(rig, &cloud, &args);
     let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
 
@@ -289,11 +289,26 @@ async fn node_joins_and_leaves_cost_one_call_per_target_group() {
         let _ = rig.kubectl_output(&["delete", "node", &n, "--wait=false"]);
     }
     drop(nodes);
+    let before = settled_calls(&controller).await;
+    let deleting = Instant::now();
     for k in 0..SERVICES {
         let _ = api.delete(&format!("web-{k}"), &Default::default()).await;
     }
-    eventually("stacks deleted", WAIT, || async {
-        cloud.inventory().await.is_empty().then_some(())
+    eventually("Services gone (finalizers removed)", WAIT, || async {
+        api.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
     })
     .await;
+    let deleted_in = deleting.elapsed();
+    let deletes = delta(&settled_calls(&controller).await, &before);
+    eprintln!(
+        "FIGURE delete_{SERVICES}_services_s {:.3} ({} calls: {deletes:?})",
+        deleted_in.as_secs_f64(),
+        deletes.values().sum::<f64>()
+    );
+    assert!(cloud.inventory().await.is_empty(), "nothing left behind");
 }
