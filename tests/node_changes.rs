@@ -312,3 +312,96 @@ async fn node_joins_and_leaves_cost_one_call_per_target_group() {
     );
     assert!(cloud.inventory().await.is_empty(), "nothing left behind");
 }
+
+#[tokio::test]
+async fn a_cluster_wide_not_ready_blip_keeps_every_target() {
+    let rig = Rig::get();
+    let ns = TestNamespace::new(rig, "blip").await;
+    let cloud = TestCloud::new(rig, "blip").await;
+    let labels = json!({"cloudlb.io/test-cluster": cloud.cluster});
+    let mut instances = BTreeSet::new();
+    let mut nodes = Vec::new();
+    for k in 0..3 {
+        let i = cloud.instance(None).await;
+        let ip = format!("10.213.251.{}", 40 + k);
+        nodes.push((
+            TestNode::new(
+                rig,
+                "blip",
+                &ip,
+                Some(&TestCloud::provider_id(&i)),
+                labels.clone(),
+            )
+            .await,
+            ip,
+        ));
+        instances.insert(i);
+    }
+    let controller = ControllerProc::start(rig, &cloud, &[]);
+    let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
+    for k in 0..2 {
+        let name = format!("web-{k}");
+        api.create(
+            &PostParams::default(),
+            &one_port_service(&name, &cloud.class),
+        )
+        .await
+        .unwrap();
+        eventually("hostname", WAIT, || hostname(&api, &name)).await;
+    }
+    let groups = target_groups(&cloud).await;
+    every_group_holds(&cloud, &groups, &instances).await;
+
+    // Every node NotReady at once (as when the apiserver stops hearing from all kubelets).
+    let before = settled_calls(&controller).await;
+    for (n, ip) in &nodes {
+        n.set_ready(false, ip).await;
+    }
+    let warned = eventually(
+        "a DeregistrationWithheld Warning on each Service",
+        WAIT,
+        || async {
+            let all = (0..2).all(|k| {
+                support::event_reasons(rig, &ns.name, &format!("web-{k}"), Some("Service"))
+                    .iter()
+                    .any(|r| r == "DeregistrationWithheld")
+            });
+            all.then_some(())
+        },
+    )
+    .await;
+    let _ = warned;
+    let after = settled_calls(&controller).await;
+    let calls = delta(&after, &before);
+    for tg in &groups {
+        let ids: BTreeSet<String> = cloud.targets(tg).await.into_iter().map(|t| t.0).collect();
+        assert_eq!(ids, instances, "every target stays registered");
+    }
+    assert!(
+        !calls.contains_key("DeregisterTargets"),
+        "no deregistration: {calls:?}"
+    );
+    let withheld = controller
+        .metrics()
+        .lines()
+        .find(|l| l.starts_with("cloudlb_not_ready_targets_withheld_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    eprintln!("NotReady blip: 3 of 3 nodes NotReady, calls {calls:?}, withheld metric {withheld}");
+    assert!(
+        withheld >= 6.0,
+        "3 nodes withheld for each of 2 Services: {withheld}"
+    );
+
+    // Back to Ready: nothing to change.
+    for (n, ip) in &nodes {
+        n.set_ready(true, ip).await;
+    }
+    for k in 0..2 {
+        let _ = api.delete(&format!("web-{k}"), &Default::default()).await;
+    }
+    eventually("stacks deleted", WAIT, || async {
+        cloud.inventory().await.is_empty().then_some(())
+    })
+    .await;
+}

@@ -65,6 +65,13 @@ pub struct ClusterArgs {
     /// Kubernetes service controller does since 1.30. Default: NotReady nodes are deregistered.
     #[arg(long, env = "CLOUDLB_KEEP_NOT_READY_NODES")]
     pub keep_not_ready_nodes: bool,
+    /// When more than this percentage of a Service's nodes is NotReady at once, none of them is
+    /// deregistered (a Warning and `cloudlb_not_ready_targets_withheld_total` say so): a
+    /// cluster-wide NotReady blip must not empty every target group. Deleted nodes always go.
+    /// 100 turns the guard off.
+    #[arg(long, env = "CLOUDLB_NOT_READY_GUARD_PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub not_ready_guard_percent: u8,
     /// cloudlb's node proxy serves the NodePorts and its admin server listens on this port:
     /// externalTrafficPolicy Cluster target groups then health-check `HTTP /readyz` there,
     /// which fails as soon as the proxy starts draining (instead of TCP on the traffic port).

@@ -142,7 +142,16 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Reconci
     if !ctx.stores_synced() {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    match with_view(svc, ctx, decide) {
+    let next = with_view(svc, ctx, decide);
+    if matches!(
+        next,
+        Next::Sync { .. } | Next::Retarget { .. } | Next::UpToDate
+    ) {
+        if let Some(w) = with_view(svc, ctx, decide::withheld) {
+            withheld_warning(svc, ctx, w).await;
+        }
+    }
+    match next {
         Next::Ignore => Ok(Action::await_change()),
         Next::Invalid { reason, message } => invalid(svc, ctx, reason, &message).await,
         Next::UpToDate => Ok(Action::requeue(ctx.resync)),
@@ -340,6 +349,24 @@ async fn retarget(
         ctx.services_memory.applied.insert(key, a);
     }
     Ok(Action::requeue(ctx.resync))
+}
+
+/// The NotReady guard kept nodes registered: a Warning and the metric.
+async fn withheld_warning(svc: &Service, ctx: &Context, w: crate::model::Withheld) {
+    ctx.metrics.not_ready_withheld.inc_by(w.not_ready as u64);
+    warn!(
+        not_ready = w.not_ready,
+        nodes = w.candidates,
+        "NotReady guard: keeping nodes registered"
+    );
+    let note = format!(
+        "{} of {} target nodes are NotReady at once (more than --not-ready-guard-percent={}%); \
+         keeping all of them registered and leaving them to the health checks",
+        w.not_ready, w.candidates, ctx.cluster.not_ready_guard_percent
+    );
+    ctx.writes
+        .event(svc, Note::warning("DeregistrationWithheld", "Sync", note))
+        .await;
 }
 
 /// A Warning Event with AWS's message; the error goes on to the backoff.
