@@ -357,7 +357,7 @@ async fn a_cluster_wide_not_ready_blip_keeps_every_target() {
     for (n, ip) in &nodes {
         n.set_ready(false, ip).await;
     }
-    let warned = eventually(
+    eventually(
         "a DeregistrationWithheld Warning on each Service",
         WAIT,
         || async {
@@ -370,7 +370,6 @@ async fn a_cluster_wide_not_ready_blip_keeps_every_target() {
         },
     )
     .await;
-    let _ = warned;
     let after = settled_calls(&controller).await;
     let calls = delta(&after, &before);
     for tg in &groups {

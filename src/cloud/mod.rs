@@ -35,6 +35,9 @@ pub enum CloudError {
         "{kind} {name:?} exists but is not owned by this cluster's cloudlb for this Service; it is left alone"
     )]
     NotOwned { kind: &'static str, name: String },
+    /// This replica lost the leader lease: it writes nothing more.
+    #[error("{operation}: not sent: this replica no longer holds the leader lease")]
+    Fenced { operation: &'static str },
     /// No subnets to place the load balancer in.
     #[error("no subnets: {0}")]
     NoSubnets(String),

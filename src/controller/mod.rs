@@ -297,7 +297,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         None
     };
 
-    let cloud = AwsCloud::from_env(
+    let mut cloud = AwsCloud::from_env(
         args.cluster.region.as_deref(),
         Ownership {
             cluster: args.cluster.cluster_name.clone(),
@@ -311,6 +311,10 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         },
     )
     .await;
+    if let Some((_, lost)) = &lease {
+        // A replica that lost the lease writes nothing more, even from reconciles in flight.
+        cloud = cloud.fenced_by(lost.clone());
+    }
 
     let (nodes, node_writer) = reflector::store::<Node>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
