@@ -16,6 +16,7 @@ pub mod service;
 pub mod status;
 #[cfg(test)]
 pub mod testing;
+pub mod text;
 pub mod writes;
 
 use std::collections::HashMap;
