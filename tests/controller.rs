@@ -27,15 +27,7 @@ fn lb_service(
     .unwrap()
 }
 
-async fn hostname(api: &Api<Service>, name: &str) -> Option<String> {
-    let svc = api.get_opt(name).await.ok()??;
-    svc.status?
-        .load_balancer?
-        .ingress?
-        .first()?
-        .hostname
-        .clone()
-}
+use support::service_hostname as hostname;
 
 fn node_ports(svc: &Service) -> Vec<(i32, String, i32)> {
     let mut v: Vec<(i32, String, i32)> = svc

@@ -26,15 +26,7 @@ fn one_port_service(name: &str, class: &str) -> Service {
     .unwrap()
 }
 
-async fn hostname(api: &Api<Service>, name: &str) -> Option<String> {
-    let svc = api.get_opt(name).await.ok()??;
-    svc.status?
-        .load_balancer?
-        .ingress?
-        .first()?
-        .hostname
-        .clone()
-}
+use support::service_hostname as hostname;
 
 /// The ARNs of every target group tagged for the test cluster.
 async fn target_groups(cloud: &TestCloud) -> Vec<String> {
@@ -117,46 +109,58 @@ fn delta(
         .collect()
 }
 
+/// Creates `web-0` … `web-{n-1}` one after the other, each once the previous one has its
+/// hostname; returns each one's create → hostname time.
+async fn create_services(api: &Api<Service>, class: &str, n: usize) -> Vec<Duration> {
+    let mut took = Vec::new();
+    for k in 0..n {
+        let name = format!("web-{k}");
+        let created = Instant::now();
+        api.create(&PostParams::default(), &one_port_service(&name, class))
+            .await
+            .unwrap();
+        eventually("hostname", WAIT, || hostname(api, &name)).await;
+        took.push(created.elapsed());
+    }
+    took
+}
+
+/// Ready nodes at 10.213.251.`k` for each `k`, backed by new EC2 instances (returned too).
+async fn test_nodes(
+    rig: &'static Rig,
+    cloud: &TestCloud,
+    prefix: &str,
+    hosts: impl Iterator<Item = u8>,
+) -> (Vec<(TestNode, String)>, BTreeSet<String>) {
+    let labels = json!({"cloudlb.io/test-cluster": cloud.cluster});
+    let mut instances = BTreeSet::new();
+    let mut nodes = Vec::new();
+    for k in hosts {
+        let i = cloud.instance(None).await;
+        let ip = format!("10.213.251.{k}");
+        let provider = TestCloud::provider_id(&i);
+        nodes.push((
+            TestNode::new(rig, prefix, &ip, Some(&provider), labels.clone()).await,
+            ip,
+        ));
+        instances.insert(i);
+    }
+    (nodes, instances)
+}
+
 #[tokio::test]
 async fn node_joins_and_leaves_cost_one_call_per_target_group() {
     let rig = Rig::get();
     let ns = TestNamespace::new(rig, "nodes").await;
     let cloud = TestCloud::new(rig, "nodes").await;
     let labels = json!({"cloudlb.io/test-cluster": cloud.cluster});
-    let mut instances = BTreeSet::new();
-    let mut nodes = Vec::new();
-    for k in 0..2 {
-        let i = cloud.instance(None).await;
-        let ip = format!("10.213.251.{}", k + 1);
-        nodes.push(
-            TestNode::new(
-                rig,
-                "nodes",
-                &ip,
-                Some(&TestCloud::provider_id(&i)),
-                labels.clone(),
-            )
-            .await,
-        );
-        instances.insert(i);
-    }
+    let (nodes, mut instances) = test_nodes(rig, &cloud, "nodes", 1..=2).await;
+    let mut nodes: Vec<TestNode> = nodes.into_iter().map(|(n, _)| n).collect();
     let args: [&str; 0] = [];
     let mut controller = ControllerProc::start(rig, &cloud, &args);
     let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
 
-    let mut to_hostname = Vec::new();
-    for k in 0..SERVICES {
-        let name = format!("web-{k}");
-        let created = Instant::now();
-        api.create(
-            &PostParams::default(),
-            &one_port_service(&name, &cloud.class),
-        )
-        .await
-        .unwrap();
-        eventually("hostname", WAIT, || hostname(&api, &name)).await;
-        to_hostname.push(created.elapsed());
-    }
+    let mut to_hostname = create_services(&api, &cloud.class, SERVICES).await;
     to_hostname.sort();
     eprintln!(
         "FIGURE service_to_hostname_p50_s {:.3} (max {:.3}, {SERVICES} sequential creates)",
@@ -318,37 +322,10 @@ async fn a_cluster_wide_not_ready_blip_keeps_every_target() {
     let rig = Rig::get();
     let ns = TestNamespace::new(rig, "blip").await;
     let cloud = TestCloud::new(rig, "blip").await;
-    let labels = json!({"cloudlb.io/test-cluster": cloud.cluster});
-    let mut instances = BTreeSet::new();
-    let mut nodes = Vec::new();
-    for k in 0..3 {
-        let i = cloud.instance(None).await;
-        let ip = format!("10.213.251.{}", 40 + k);
-        nodes.push((
-            TestNode::new(
-                rig,
-                "blip",
-                &ip,
-                Some(&TestCloud::provider_id(&i)),
-                labels.clone(),
-            )
-            .await,
-            ip,
-        ));
-        instances.insert(i);
-    }
+    let (nodes, instances) = test_nodes(rig, &cloud, "blip", 40..=42).await;
     let controller = ControllerProc::start(rig, &cloud, &[]);
     let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
-    for k in 0..2 {
-        let name = format!("web-{k}");
-        api.create(
-            &PostParams::default(),
-            &one_port_service(&name, &cloud.class),
-        )
-        .await
-        .unwrap();
-        eventually("hostname", WAIT, || hostname(&api, &name)).await;
-    }
+    create_services(&api, &cloud.class, 2).await;
     let groups = target_groups(&cloud).await;
     every_group_holds(&cloud, &groups, &instances).await;
 

@@ -483,3 +483,17 @@ pub fn event_reasons(rig: &Rig, ns: &str, name: &str, kind: Option<&str>) -> Vec
     .map(str::to_string)
     .collect()
 }
+
+/// `status.loadBalancer.ingress[0].hostname` of Service `name`, when it has one.
+pub async fn service_hostname(
+    api: &Api<k8s_openapi::api::core::v1::Service>,
+    name: &str,
+) -> Option<String> {
+    let svc = api.get_opt(name).await.ok()??;
+    svc.status?
+        .load_balancer?
+        .ingress?
+        .first()?
+        .hostname
+        .clone()
+}
