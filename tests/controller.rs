@@ -27,15 +27,7 @@ fn lb_service(
     .unwrap()
 }
 
-async fn hostname(api: &Api<Service>, name: &str) -> Option<String> {
-    let svc = api.get_opt(name).await.ok()??;
-    svc.status?
-        .load_balancer?
-        .ingress?
-        .first()?
-        .hostname
-        .clone()
-}
+use support::service_hostname as hostname;
 
 fn node_ports(svc: &Service) -> Vec<(i32, String, i32)> {
     let mut v: Vec<(i32, String, i32)> = svc
@@ -356,6 +348,43 @@ async fn class_filtering_type_change_and_invalid_annotations() {
         ("False", "InvalidAnnotation")
     );
     assert!(hostname(&api, "bad").await.is_none());
+
+    // A huge multi-byte value: the condition and the Event are cut to their byte limits
+    // (32 KiB and 1 KiB), so they are written at all, instead of failing every retry.
+    let huge_value = "ä".repeat(20_000);
+    let huge = lb_service(
+        "huge",
+        &cloud.class,
+        port.clone(),
+        json!({"service.beta.kubernetes.io/aws-load-balancer-scheme": huge_value}),
+    );
+    api.create(&PostParams::default(), &huge).await.unwrap();
+    let cond = eventually("a condition on huge", WAIT, || async {
+        let s = api.get("huge").await.ok()?;
+        s.status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "cloudlb.io/LoadBalancerSynced")
+    })
+    .await;
+    assert_eq!(cond.reason, "InvalidAnnotation");
+    assert!(
+        cond.message.len() <= 32_768 && cond.message.contains("ää"),
+        "{} bytes",
+        cond.message.len()
+    );
+    let note = eventually("a Warning event for huge", WAIT, || async {
+        let out = warning_notes(rig, &ns.name, "huge");
+        (!out.trim().is_empty()).then_some(out)
+    })
+    .await;
+    assert!(note.trim_end().len() <= 1024, "{} bytes", note.len());
+    eprintln!(
+        "huge annotation value: {} bytes; condition message {} bytes, Event note {} bytes",
+        huge_value.len(),
+        cond.message.len(),
+        note.trim_end().len()
+    );
 
     // Others are never touched: no finalizer, no status.
     for other in ["theirs", "classless"] {

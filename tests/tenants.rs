@@ -352,16 +352,8 @@ fn load_balancer_service(name: &str, class: &str, annotations: serde_json::Value
 }
 
 async fn hostname(api: &Api<Service>, name: &str) -> String {
-    eventually(&format!("{name} has a hostname"), WAIT, || async {
-        api.get(name)
-            .await
-            .ok()?
-            .status?
-            .load_balancer?
-            .ingress?
-            .first()?
-            .hostname
-            .clone()
+    eventually(&format!("{name} has a hostname"), WAIT, || {
+        support::service_hostname(api, name)
     })
     .await
 }

@@ -108,6 +108,24 @@ impl FakeCloud {
                 .count()
     }
 
+    /// Target ids registered in the target groups tagged for `service`, sorted.
+    pub fn targets_of(&self, service: &str) -> Vec<String> {
+        let s = self.state.lock().expect("fake lock");
+        let mut ids: Vec<String> = s
+            .target_groups
+            .values()
+            .filter(|t| owned_by(&t.tags, service))
+            .flat_map(|t| t.targets.iter().map(|x| x.id.clone()))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Deletes every target group (as if someone removed them by hand).
+    pub fn delete_target_groups(&self) {
+        self.state.lock().expect("fake lock").target_groups.clear();
+    }
+
     fn observe_now(&self, q: &StackQuery) -> ObservedStack {
         let s = self.state.lock().expect("fake lock");
         let load_balancer = q.load_balancer_names.iter().find_map(|n| {
@@ -384,6 +402,11 @@ impl FakeCloud {
             dns_name: lb_arn
                 .and_then(|a| s.load_balancers.get(&a))
                 .map(|l| l.dns_name.clone()),
+            target_group_arns: s
+                .target_groups
+                .values()
+                .map(|t| (t.name.clone(), t.arn.clone()))
+                .collect(),
         })
     }
 }
@@ -425,18 +448,36 @@ impl Cloud for FakeCloud {
     fn register_targets<'a>(
         &'a self,
         arn: &'a str,
-        _targets: &'a [Target],
+        targets: &'a [Target],
     ) -> BoxFuture<'a, Result<(), CloudError>> {
         self.journal.push(format!("cloud:register {arn}"));
-        Box::pin(async move { Ok(()) })
+        let mut s = self.state.lock().expect("fake lock");
+        let res = match s.target_groups.get_mut(arn) {
+            Some(tg) => {
+                tg.targets.extend(targets.iter().cloned());
+                Ok(())
+            }
+            None => Err(CloudError::Rejected {
+                operation: "RegisterTargets",
+                code: "TargetGroupNotFound".into(),
+                message: format!("{arn} not found"),
+            }),
+        };
+        Box::pin(async move { res })
     }
 
     fn deregister_targets<'a>(
         &'a self,
         arn: &'a str,
-        _targets: &'a [Target],
+        targets: &'a [Target],
     ) -> BoxFuture<'a, Result<(), CloudError>> {
         self.journal.push(format!("cloud:deregister {arn}"));
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(tg) = s.target_groups.get_mut(arn) {
+            for t in targets {
+                tg.targets.remove(t);
+            }
+        }
         Box::pin(async move { Ok(()) })
     }
 

@@ -35,6 +35,9 @@ pub enum CloudError {
         "{kind} {name:?} exists but is not owned by this cluster's cloudlb for this Service; it is left alone"
     )]
     NotOwned { kind: &'static str, name: String },
+    /// This replica lost the leader lease: it writes nothing more.
+    #[error("{operation}: not sent: this replica no longer holds the leader lease")]
+    Fenced { operation: &'static str },
     /// No subnets to place the load balancer in.
     #[error("no subnets: {0}")]
     NoSubnets(String),
@@ -74,6 +77,9 @@ pub struct StackQuery {
     /// failed after its load balancer went is attached to nothing and may not be a name the
     /// Service still models (a ClusterIP Service has no nodePorts), so only its tags find it.
     pub target_groups_by_tag: Option<String>,
+    /// Teardown: read only what names each resource (ARNs, ids, ownership), not attributes,
+    /// listeners or targets, which a deletion does not need.
+    pub identities_only: bool,
 }
 
 /// A plan ready to deploy: the changes, with the observed stack they start from and the
@@ -102,6 +108,9 @@ impl Plan {
 pub struct Deployed {
     /// The load balancer's DNS name, when one exists after the plan.
     pub dns_name: Option<String>,
+    /// Target group name → ARN of every group the stack holds after the plan: the handles a
+    /// later node change registers and deregisters through, without observing again.
+    pub target_group_arns: BTreeMap<String, String>,
 }
 
 /// A target group bound by a TargetGroupBinding, as read from the cloud.

@@ -543,3 +543,17 @@ pub async fn tenant_client(rig: &'static Rig, ns: &str) -> kube::Client {
     let token = rig.kubectl(&["create", "token", "tenant", "-n", ns]);
     rig.client_with_token(token.trim()).await
 }
+
+/// `status.loadBalancer.ingress[0].hostname` of Service `name`, when it has one.
+pub async fn service_hostname(
+    api: &Api<k8s_openapi::api::core::v1::Service>,
+    name: &str,
+) -> Option<String> {
+    let svc = api.get_opt(name).await.ok()??;
+    svc.status?
+        .load_balancer?
+        .ingress?
+        .first()?
+        .hostname
+        .clone()
+}

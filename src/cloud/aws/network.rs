@@ -20,6 +20,10 @@ fn refused(message: String) -> CloudError {
     }
 }
 
+/// How long a placement is trusted, and how many are kept.
+const NETWORK_TTL: Duration = Duration::from_secs(600);
+const NETWORK_CACHE_ENTRIES: usize = 256;
+
 #[derive(Clone, Debug)]
 pub(super) struct Network {
     pub(super) vpc_id: String,
@@ -35,11 +39,17 @@ impl AwsCloud {
         let (wanted, scheme) = (d.subnets.as_deref(), d.scheme);
         let vpc = self.cluster_vpc(&d.node_instances).await?;
         let key = match wanted {
-            Some(w) => w.join(","),
+            Some(w) => {
+                // The same subnets however the annotation spells and orders them.
+                let mut w: Vec<&str> = w.iter().map(|s| s.trim()).collect();
+                w.sort_unstable();
+                w.dedup();
+                w.join(",")
+            }
             None => format!("discover:{}", scheme.as_aws()),
         };
         if let Some(n) = self.networks.lock().await.get(&key) {
-            if n.at.elapsed() < Duration::from_secs(600) {
+            if n.at.elapsed() < NETWORK_TTL {
                 return Ok(n.clone());
             }
         }
@@ -132,7 +142,21 @@ impl AwsCloud {
                 .collect(),
             at: Instant::now(),
         };
-        self.networks.lock().await.insert(key, n.clone());
+        let mut cache = self.networks.lock().await;
+        // Bounded: expired entries go, and past the cap the oldest, so annotation values a
+        // tenant keeps changing cannot grow it.
+        cache.retain(|_, v| v.at.elapsed() < NETWORK_TTL);
+        while cache.len() >= NETWORK_CACHE_ENTRIES {
+            let Some(oldest) = cache
+                .iter()
+                .min_by_key(|(_, v)| v.at)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            cache.remove(&oldest);
+        }
+        cache.insert(key, n.clone());
         Ok(n)
     }
 }

@@ -116,7 +116,10 @@ pub fn next(
         type_: READY.into(),
         status,
         reason: outcome.reason.clone(),
-        message: outcome.message.chars().take(32_000).collect(),
+        message: crate::controller::text::truncate_bytes(
+            &outcome.message,
+            crate::controller::text::CONDITION_MESSAGE_BYTES,
+        ),
         last_transition_time,
         observed_generation: generation,
     });

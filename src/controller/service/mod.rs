@@ -24,7 +24,8 @@ use crate::cloud::plan::Change;
 use crate::cloud::{Cloud, CloudError, Plan, StackQuery};
 use crate::model::DesiredLoadBalancer;
 pub use decide::{
-    Applied, Next, View, decide, is_ours, name_from_hostname, node_selector, uses_ip_targets,
+    Applied, Next, RegisteredGroup, TargetChange, View, decide, is_ours, name_from_hostname,
+    node_selector, uses_ip_targets,
 };
 
 /// Why a reconcile failed; all are retried with backoff, and reported as Events.
@@ -176,11 +177,26 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Reconci
     if !ctx.stores_synced() {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    match with_view(svc, ctx, decide) {
+    let next = with_view(svc, ctx, decide);
+    if matches!(
+        next,
+        Next::Sync { .. } | Next::Retarget { .. } | Next::UpToDate
+    ) {
+        if let Some(w) = with_view(svc, ctx, decide::withheld) {
+            withheld_warning(svc, ctx, w).await;
+        }
+    }
+    match next {
         Next::Ignore => Ok(Action::await_change()),
         Next::Invalid { reason, message } => invalid(svc, ctx, reason, &message).await,
         Next::NameTaken { name, holder } => name_taken(svc, ctx, &name, &holder).await,
         Next::UpToDate => Ok(Action::requeue(ctx.resync)),
+        Next::Restore { hostname } => restore(svc, ctx, hostname.as_deref()).await,
+        Next::Retarget {
+            desired,
+            desired_hash,
+            changes,
+        } => retarget(svc, ctx, &desired, desired_hash, &changes).await,
         Next::Sync {
             desired,
             desired_hash,
@@ -209,11 +225,19 @@ async fn sync(
     };
     let name = desired.name.clone();
     let plan = Plan::new(Some(desired), observed);
-    let hostname = if plan.changes.is_empty() {
-        plan.observed
+    let (hostname, arns, note) = if plan.changes.is_empty() {
+        let arns = plan
+            .observed
+            .target_groups
+            .iter()
+            .map(|t| (t.name.clone(), t.arn.clone()))
+            .collect();
+        let hostname = plan
+            .observed
             .load_balancer
             .as_ref()
-            .map(|l| l.dns_name.clone())
+            .map(|l| l.dns_name.clone());
+        (hostname, arns, None)
     } else {
         // Outside the cluster's VPC: refused like bad input, before any write.
         if let Some(d) = &plan.desired {
@@ -226,12 +250,15 @@ async fn sync(
             }
         }
         let creating = plan.observed.load_balancer.is_none();
-        if creating {
-            let note = normal("EnsuringLoadBalancer", "Ensuring load balancer");
-            ctx.writes.event(svc, note).await;
-        }
         remember_created(&plan.changes, ctx, &key);
-        let deployed = match ctx.cloud.deploy(&plan).await {
+        // The Event is not on the way to the hostname: it is written while AWS works.
+        let deployed = if creating {
+            let note = normal("EnsuringLoadBalancer", "Ensuring load balancer");
+            tokio::join!(ctx.writes.event(svc, note), ctx.cloud.deploy(&plan)).1
+        } else {
+            ctx.cloud.deploy(&plan).await
+        };
+        let deployed = match deployed {
             Ok(d) => d,
             Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
         };
@@ -247,10 +274,12 @@ async fn sync(
                 format!("Updated load balancer {name}: {summary}"),
             )
         };
-        ctx.writes.event(svc, note).await;
         info!(changes = plan.changes.len(), %summary, "load balancer synced");
-        deployed.dns_name
+        (deployed.dns_name, deployed.target_group_arns, Some(note))
     };
+    let desired = plan.desired.as_ref().ok_or_else(|| {
+        ReconcileError::Cloud(CloudError::Internal("sync without desired state".into()))
+    })?;
     // The stack matches the plan: every target group a plan created is attached, and every
     // observed one it did not want is gone.
     ctx.services_memory.pending_target_groups.remove(&key);
@@ -265,18 +294,125 @@ async fn sync(
             },
         )
         .await?;
+    // After the status: the hostname does not wait for the Event.
+    if let Some(note) = note {
+        ctx.writes.event(svc, note).await;
+    }
     ctx.services_memory.applied.insert(
         key,
         Applied {
             desired_hash,
+            structure_hash: decide::structure_hash(desired),
             hostname,
             at: Instant::now(),
+            target_groups: decide::registered_groups(desired, &arns),
         },
     );
     ctx.metrics
         .managed_load_balancers
         .set(ctx.services_memory.managed());
     Ok(Action::requeue(ctx.resync))
+}
+
+/// The cached Service lacks what the last sync wrote (finalizer, hostname): write it again
+/// from memory, without asking the cloud.
+async fn restore(
+    svc: &Service,
+    ctx: &Context,
+    hostname: Option<&str>,
+) -> Result<Action, ReconcileError> {
+    ctx.writes.add_finalizer(svc, &ctx.finalizer).await?;
+    ctx.writes
+        .update_status(
+            svc,
+            status::Update {
+                hostname,
+                synced: true,
+                reason: "Synced",
+                message: "load balancer matches the Service",
+            },
+        )
+        .await?;
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// Only targets changed: one RegisterTargets and/or DeregisterTargets per changed group,
+/// new targets before old ones go, all groups at once; no observe. Anything unexpected
+/// (a group gone) fails the reconcile and forgets the memory, so the retry observes in full.
+async fn retarget(
+    svc: &Service,
+    ctx: &Context,
+    desired: &DesiredLoadBalancer,
+    desired_hash: u64,
+    changes: &[TargetChange],
+) -> Result<Action, ReconcileError> {
+    let key = ObjectRef::from_obj(svc);
+    let cloud = ctx.cloud.as_ref();
+    let registered = futures::future::try_join_all(
+        changes
+            .iter()
+            .filter(|c| !c.register.is_empty())
+            .map(|c| cloud.register_targets(&c.arn, &c.register)),
+    )
+    .await;
+    let deregistered = match registered {
+        Ok(_) => {
+            futures::future::try_join_all(
+                changes
+                    .iter()
+                    .filter(|c| !c.deregister.is_empty())
+                    .map(|c| cloud.deregister_targets(&c.arn, &c.deregister)),
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = deregistered {
+        ctx.services_memory.applied.remove(&key);
+        return Err(sync_failed(svc, ctx, e).await.into());
+    }
+    let (added, removed) = changes.iter().fold((0, 0), |(a, r), c| {
+        (a + c.register.len(), r + c.deregister.len())
+    });
+    info!(groups = changes.len(), added, removed, "targets updated");
+    let note = normal(
+        "UpdatedLoadBalancer",
+        format!(
+            "Updated load balancer {}: targets +{added} -{removed} in {} target group(s)",
+            desired.name,
+            changes.len()
+        ),
+    );
+    ctx.writes.event(svc, note).await;
+    if let Some(mut a) = ctx.services_memory.applied.get(&key) {
+        let arns = a
+            .target_groups
+            .iter()
+            .map(|(n, g)| (n.clone(), g.arn.clone()))
+            .collect();
+        a.desired_hash = desired_hash;
+        a.target_groups = decide::registered_groups(desired, &arns);
+        ctx.services_memory.applied.insert(key, a);
+    }
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// The NotReady guard kept nodes registered: a Warning and the metric.
+async fn withheld_warning(svc: &Service, ctx: &Context, w: crate::model::Withheld) {
+    ctx.metrics.not_ready_withheld.inc_by(w.not_ready as u64);
+    warn!(
+        not_ready = w.not_ready,
+        nodes = w.candidates,
+        "NotReady guard: keeping nodes registered"
+    );
+    let note = format!(
+        "{} of {} target nodes are NotReady at once (more than --not-ready-guard-percent={}%); \
+         keeping all of them registered and leaving them to the health checks",
+        w.not_ready, w.candidates, ctx.cluster.not_ready_guard_percent
+    );
+    ctx.writes
+        .event(svc, Note::warning("DeregistrationWithheld", "Sync", note))
+        .await;
 }
 
 /// A Warning Event with AWS's message; the error goes on to the backoff.
@@ -465,7 +601,10 @@ pub async fn dry_run(view: &View<'_>, cloud: &dyn Cloud) -> Result<DryRun, Cloud
                 "NameConflict: load balancer name {name} is Service {holder}'s"
             )));
         }
-        Next::UpToDate => return Ok(DryRun::UpToDate),
+        // Both need the memory of a sync, which `cloudlb plan` does not have.
+        Next::UpToDate | Next::Restore { .. } | Next::Retarget { .. } => {
+            return Ok(DryRun::UpToDate);
+        }
         Next::Sync { desired, query, .. } => (Some(*desired), query),
         Next::Teardown { query, .. } => (None, query),
     };

@@ -253,3 +253,126 @@ async fn a_taken_or_refused_load_balancer_name_changes_nothing_and_both_services
         "{log:#?}"
     );
 }
+
+/// A Service synced on `w`, and its Service as written back (finalizer and hostname set).
+async fn synced(w: &World, svc: &Service) -> Service {
+    run(w, svc).await.unwrap();
+    w.writes.current(svc)
+}
+
+#[tokio::test]
+async fn a_node_join_registers_once_per_group_without_observing() {
+    let mut w = World::new(2);
+    let svc = synced(&w, &lb_service("shop", "web", 30080)).await;
+    w.add_node("n2", "i-2");
+    w.journal.clear();
+    run(&w, &svc).await.unwrap();
+    let log = w.journal.entries();
+    let cloud: Vec<&String> = log.iter().filter(|e| e.starts_with("cloud:")).collect();
+    assert_eq!(cloud.len(), 1, "{log:#?}");
+    assert!(cloud[0].starts_with("cloud:register "), "{log:#?}");
+    assert_eq!(w.cloud.targets_of("shop/web"), ["i-0", "i-1", "i-2"]);
+    assert!(
+        log.iter()
+            .any(|e| e.contains("Normal UpdatedLoadBalancer") && e.contains("targets +1 -0")),
+        "{log:#?}"
+    );
+
+    // The next node change starts from what the join left.
+    w.remove_node("n0");
+    w.journal.clear();
+    run(&w, &svc).await.unwrap();
+    let cloud: Vec<String> = w.journal.with_prefix("cloud:");
+    assert_eq!(cloud.len(), 1, "{cloud:#?}");
+    assert!(cloud[0].starts_with("cloud:deregister "), "{cloud:#?}");
+    assert_eq!(w.cloud.targets_of("shop/web"), ["i-1", "i-2"]);
+
+    // Nothing changed since: no call at all.
+    w.journal.clear();
+    run(&w, &svc).await.unwrap();
+    assert_eq!(w.journal.with_prefix("cloud:"), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn the_drift_check_after_target_changes_observes_and_finds_nothing_to_do() {
+    let mut w = World::new(2);
+    let svc = synced(&w, &lb_service("shop", "web", 30080)).await;
+    w.add_node("n2", "i-2");
+    run(&w, &svc).await.unwrap();
+    // Memory older than the resync period: the full drift check.
+    let key = ObjectRef::from_obj(&svc);
+    let mut a = w.ctx.services_memory.applied.get(&key).unwrap();
+    a.at -= w.ctx.resync;
+    w.ctx.services_memory.applied.insert(key, a);
+    w.journal.clear();
+    run(&w, &svc).await.unwrap();
+    let cloud = w.journal.with_prefix("cloud:");
+    assert_eq!(cloud, ["cloud:observe shop/web"], "reads only");
+}
+
+#[tokio::test]
+async fn a_target_group_gone_behind_our_back_is_repaired_by_a_full_sync() {
+    let mut w = World::new(2);
+    let svc = synced(&w, &lb_service("shop", "web", 30080)).await;
+    w.cloud.delete_target_groups();
+    w.add_node("n2", "i-2");
+    assert!(
+        run(&w, &svc).await.is_err(),
+        "register into a missing group fails"
+    );
+    assert!(
+        !w.journal
+            .with_prefix("kube:event Warning SyncLoadBalancerFailed")
+            .is_empty()
+    );
+    w.journal.clear();
+    run(&w, &svc).await.unwrap();
+    let log = w.journal.entries();
+    assert!(
+        log.iter().any(|e| e == "cloud:observe shop/web"),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|e| e.starts_with("cloud:deploy") && e.contains("CreateTargetGroup")),
+        "{log:#?}"
+    );
+    assert_eq!(w.cloud.targets_of("shop/web"), ["i-0", "i-1", "i-2"]);
+}
+
+#[tokio::test]
+async fn a_stale_cache_after_our_own_writes_costs_no_cloud_call() {
+    let w = World::new(2);
+    let svc = lb_service("shop", "web", 30080);
+    run(&w, &svc).await.unwrap();
+    // The cache still holds the Service as it was before the finalizer and status writes.
+    w.journal.clear();
+    run(&w, &svc).await.unwrap();
+    assert_eq!(w.journal.with_prefix("cloud:"), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn most_nodes_not_ready_at_once_stay_registered_with_a_warning() {
+    let mut w = World::new(4);
+    let svc = synced(&w, &lb_service("shop", "web", 30080)).await;
+    // One of four NotReady: below the 50 % guard, deregistered.
+    w.set_node("n0", "i-0", false);
+    run(&w, &svc).await.unwrap();
+    assert_eq!(w.cloud.targets_of("shop/web"), ["i-1", "i-2", "i-3"]);
+    // Three of four: a blip, not three dead machines; nothing is deregistered.
+    w.set_node("n1", "i-1", false);
+    w.set_node("n2", "i-2", false);
+    w.journal.clear();
+    run(&w, &svc).await.unwrap();
+    assert_eq!(w.cloud.targets_of("shop/web"), ["i-0", "i-1", "i-2", "i-3"]);
+    let warnings = w
+        .journal
+        .with_prefix("kube:event Warning DeregistrationWithheld");
+    assert_eq!(warnings.len(), 1, "{:#?}", w.journal.entries());
+    assert!(warnings[0].contains("3 of 4 target nodes"), "{warnings:?}");
+    assert!(w.journal.with_prefix("cloud:deregister").is_empty());
+    // A node that is really gone still goes.
+    w.remove_node("n3");
+    run(&w, &svc).await.unwrap();
+    assert_eq!(w.cloud.targets_of("shop/web"), ["i-0", "i-1", "i-2"]);
+}
