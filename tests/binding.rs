@@ -408,6 +408,8 @@ async fn binding_reports_what_is_wrong_and_changes_nothing() {
     let api: Api<TargetGroupBinding> = Api::namespaced(client.clone(), &ns.name);
     let svcs: Api<Service> = Api::namespaced(client.clone(), &ns.name);
     let instance_tg = target_group(&cloud, "inst", TargetTypeEnum::Instance, 80).await;
+    // One binding per target group: each case gets its own.
+    let other_instance_tg = target_group(&cloud, "inst2", TargetTypeEnum::Instance, 80).await;
     let ip_tg = target_group(&cloud, "ip", TargetTypeEnum::Ip, 80).await;
     let missing_tg = format!(
         "arn:aws:elasticloadbalancing:us-east-1:000000000000:targetgroup/{}-none/0123456789abcdef",
@@ -423,7 +425,7 @@ async fn binding_reports_what_is_wrong_and_changes_nothing() {
         ),
         (
             "no-port",
-            json!({"targetGroupARN": instance_tg, "serviceRef": {"name": "web", "port": 443}}),
+            json!({"targetGroupARN": other_instance_tg, "serviceRef": {"name": "web", "port": 443}}),
             "PortNotFound",
             "has no port 443",
         ),
@@ -468,6 +470,7 @@ async fn binding_reports_what_is_wrong_and_changes_nothing() {
         );
     }
     assert!(cloud.targets(&instance_tg).await.is_empty());
+    assert!(cloud.targets(&other_instance_tg).await.is_empty());
     assert!(cloud.targets(&ip_tg).await.is_empty());
     assert_eq!(
         controller.aws_calls(is_write),
@@ -502,7 +505,7 @@ async fn binding_reports_what_is_wrong_and_changes_nothing() {
     })
     .await;
     assert!(cloud.targets(&instance_tg).await.is_empty());
-    for tg in [&instance_tg, &ip_tg] {
+    for tg in [&instance_tg, &other_instance_tg, &ip_tg] {
         cloud
             .elb
             .delete_target_group()
