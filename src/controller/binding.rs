@@ -146,8 +146,9 @@ fn desire(b: &TargetGroupBinding, ctx: &Context) -> Result<BTreeSet<Target>, Bin
     let ns = b.namespace().unwrap_or_default();
     let name = &b.spec.service_ref.name;
     let svc: Option<Arc<Service>> = ctx.services.get(&ObjectRef::new(name).within(&ns));
-    let nodes: Vec<Node> = match b.spec.target_type {
-        TargetType::Instance => ctx.nodes.state().iter().map(|n| (**n).clone()).collect(),
+    // The cache's Arcs, never deep copies of every Node.
+    let nodes: Vec<Arc<Node>> = match b.spec.target_type {
+        TargetType::Instance => ctx.nodes.state(),
         TargetType::Ip => Vec::new(),
     };
     let slices: Vec<EndpointSlice> = match b.spec.target_type {
@@ -157,6 +158,7 @@ fn desire(b: &TargetGroupBinding, ctx: &Context) -> Result<BTreeSet<Target>, Bin
     let policy = NodePolicy {
         selector: ctx.cluster.node_selector.clone(),
         include_not_ready: ctx.cluster.keep_not_ready_nodes,
+        not_ready_guard_percent: ctx.cluster.not_ready_guard_percent,
     };
     targets::desired_targets(&b.spec, &ns, svc.as_deref(), &nodes, &slices, &policy)
 }

@@ -1,5 +1,6 @@
 //! The targets a TargetGroupBinding wants in its target group. Pure: the reconcile in `binding.rs` supplies the Service, nodes and slices.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort as SpecPort};
@@ -39,10 +40,22 @@ impl BindingProblem {
 
 /// Which nodes the controller lets receive traffic at all (its `--node-selector` and its
 /// NotReady policy); a binding's own nodeSelector narrows this further.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct NodePolicy {
     pub selector: BTreeMap<String, String>,
     pub include_not_ready: bool,
+    /// `--not-ready-guard-percent` (100: no guard).
+    pub not_ready_guard_percent: u8,
+}
+
+impl Default for NodePolicy {
+    fn default() -> Self {
+        NodePolicy {
+            selector: BTreeMap::new(),
+            include_not_ready: false,
+            not_ready_guard_percent: 100,
+        }
+    }
 }
 
 fn port_text(p: &ServicePort) -> String {
@@ -72,7 +85,7 @@ pub fn desired_targets(
     spec: &TargetGroupBindingSpec,
     namespace: &str,
     svc: Option<&Service>,
-    nodes: &[Node],
+    nodes: &[impl Borrow<Node>],
     slices: &[EndpointSlice],
     policy: &NodePolicy,
 ) -> Result<BTreeSet<Target>, BindingProblem> {
@@ -94,24 +107,28 @@ pub fn desired_targets(
                     .and_then(|s| s.type_.clone())
                     .unwrap_or_else(|| "ClusterIP".into()),
             })?;
-            let selected: Vec<Node> = nodes
+            let selected: Vec<&Node> = nodes
                 .iter()
-                .filter(|n| {
+                .map(Borrow::borrow)
+                .filter(|n: &&Node| {
                     spec.node_selector.as_ref().is_none_or(|sel| {
                         sel.matches(n.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
                     })
                 })
-                .cloned()
                 .collect();
-            Ok(
-                model::eligible_nodes(&selected, &policy.selector, policy.include_not_ready)
-                    .into_iter()
-                    .map(|n| Target {
-                        id: n.instance_id,
-                        port: node_port,
-                    })
-                    .collect(),
+            Ok(model::guarded_eligible_nodes(
+                &selected,
+                &policy.selector,
+                policy.include_not_ready,
+                policy.not_ready_guard_percent,
             )
+            .0
+            .into_iter()
+            .map(|n| Target {
+                id: n.instance_id,
+                port: node_port,
+            })
+            .collect())
         }
         TargetType::Ip => Ok(model::endpoint_targets(
             slices,
@@ -220,7 +237,7 @@ mod tests {
         ];
         let cluster = NodePolicy {
             selector: [("c".to_string(), "1".to_string())].into(),
-            include_not_ready: false,
+            ..NodePolicy::default()
         };
         let svc = service("NodePort", Some(30080));
         let cases: [(TargetGroupBindingSpec, &NodePolicy, BTreeSet<Target>); 5] = [
@@ -256,8 +273,8 @@ mod tests {
                     &[("pool", "edge")],
                 ),
                 &NodePolicy {
-                    selector: BTreeMap::new(),
                     include_not_ready: true,
+                    ..NodePolicy::default()
                 },
                 targets(&[("i-a", 30080), ("i-c", 30080), ("i-d", 30080)]),
             ),
@@ -283,7 +300,7 @@ mod tests {
             &spec(TargetType::Ip, ServicePort::Number(80), &[]),
             "shop",
             Some(&svc),
-            &[],
+            &[] as &[Node],
             &slices,
             &NodePolicy::default(),
         );
@@ -292,7 +309,7 @@ mod tests {
             &spec(TargetType::Ip, ServicePort::Name("admin".into()), &[]),
             "shop",
             Some(&svc),
-            &[],
+            &[] as &[Node],
             &slices,
             &NodePolicy::default(),
         );
