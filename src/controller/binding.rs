@@ -257,8 +257,7 @@ fn conflict(b: &TargetGroupBinding, ctx: &Context) -> Option<Outcome> {
 
 /// A few of the eligible nodes' instances, for learning the cluster's VPC.
 fn node_instances(ctx: &Context) -> Vec<String> {
-    let nodes: Vec<Node> = ctx.nodes.state().iter().map(|n| (**n).clone()).collect();
-    crate::model::eligible_nodes(&nodes, &ctx.cluster.node_selector, true)
+    crate::model::eligible_nodes(&ctx.nodes.state(), &ctx.cluster.node_selector, true)
         .into_iter()
         .take(5)
         .map(|n| n.instance_id)
