@@ -474,7 +474,8 @@ async fn external_traffic_policy_local_health_check_and_foreign_name_collision()
         .unwrap()
         .to_string();
 
-    let _controller = ControllerProc::start(rig, &cloud, &[]);
+    // The clash needs a chosen name, which only allowed namespaces may set.
+    let _controller = ControllerProc::start(rig, &cloud, &["--custom-name-namespaces", &ns.name]);
     let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
     let mut local = lb_service(
         "local",
@@ -667,5 +668,68 @@ async fn plan_prints_the_changes_and_changes_nothing() {
     assert!(
         text.contains(&format!("{key}: up to date")) && text.trim_end().ends_with("0 change(s)"),
         "{text}"
+    );
+}
+
+/// What a teardown leaves when `DeleteTargetGroup` stays `ResourceInUse` past its retries after
+/// the load balancer went: a target group tagged for the Service, attached to nothing, of a
+/// Service that is ClusterIP by now (so it models no target group names). The next teardown
+/// attempt finds it by its tags, deletes it, and only then lets the finalizer go.
+#[tokio::test]
+async fn teardown_finds_a_left_target_group_by_its_tags() {
+    use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, Tag};
+    let rig = Rig::get();
+    let ns = TestNamespace::new(rig, "tdtag").await;
+    let cloud = TestCloud::new(rig, "tdtag").await;
+    let finalizer = cloudlb::controller::finalizer_for(&cloud.class);
+    let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "finalizers": [finalizer]},
+        "spec": {"type": "ClusterIP", "selector": {"app": "web"}, "ports": [{"port": 80}]}
+    }))
+    .unwrap();
+    let svc = api.create(&PostParams::default(), &svc).await.unwrap();
+    let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+    let left = cloud
+        .elb
+        .create_target_group()
+        .name(format!(
+            "{}left",
+            cloudlb::model::name_prefix(&ns.name, "web")
+        ))
+        .protocol(ProtocolEnum::Tcp)
+        .port(30080)
+        .vpc_id(&cloud.vpc_id)
+        .tags(tag("cloudlb.io/cluster", &cloud.cluster))
+        .tags(tag("cloudlb.io/load-balancer-class", &cloud.class))
+        .tags(tag("cloudlb.io/service", &format!("{}/web", ns.name)))
+        .tags(tag(
+            "cloudlb.io/service-uid",
+            svc.metadata.uid.as_deref().unwrap(),
+        ))
+        .tags(tag("cloudlb.io/resource", "targetgroup"))
+        .send()
+        .await
+        .expect("target group")
+        .target_groups()[0]
+        .target_group_arn()
+        .unwrap()
+        .to_string();
+    assert_eq!(cloud.inventory().await.len(), 1);
+
+    let _controller = ControllerProc::start(rig, &cloud, &[]);
+    eventually("the finalizer goes", WAIT, || async {
+        let s = api.get("web").await.ok()?;
+        s.metadata
+            .finalizers
+            .unwrap_or_default()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        cloud.inventory().await,
+        vec![],
+        "the left group {left} is deleted"
     );
 }

@@ -648,6 +648,7 @@ async fn force_deleted_service_is_collected_as_orphan_and_nothing_else_is() {
         .port(30002)
         .vpc_id(&cloud.vpc_id)
         .tags(tag("cloudlb.io/cluster", &cloud.cluster))
+        .tags(tag("cloudlb.io/load-balancer-class", &cloud.class))
         .tags(tag("cloudlb.io/service", "default/o2"))
         .tags(tag("cloudlb.io/service-uid", &o2.uid().unwrap()))
         .send()

@@ -81,6 +81,15 @@ impl FakeCloud {
             .extend((0..n).map(|i| format!("injected failure {}", i + 1)));
     }
 
+    /// Removes the load balancers (and their security groups) of Service `namespace/name` but
+    /// keeps its target groups: what a teardown leaves when DeleteTargetGroup stays
+    /// ResourceInUse past its retries.
+    pub fn leave_only_target_groups_of(&self, service: &str) {
+        let mut s = self.state.lock().expect("fake lock");
+        s.load_balancers.retain(|_, l| !owned_by(&l.tags, service));
+        s.security_groups.retain(|_, g| !owned_by(&g.tags, service));
+    }
+
     /// How many resources (load balancers, target groups, security groups) the fake holds
     /// for Service `namespace/name`.
     pub fn resources_of(&self, service: &str) -> usize {
@@ -134,7 +143,13 @@ impl FakeCloud {
             .target_groups
             .values()
             .filter(|t| owned_by(&t.tags, &q.service))
-            .filter(|t| attached.contains(t.arn.as_str()) || q.target_group_names.contains(&t.name))
+            .filter(|t| {
+                attached.contains(t.arn.as_str())
+                    || q.target_group_names.contains(&t.name)
+                    || q.target_groups_by_tag
+                        .as_ref()
+                        .is_some_and(|p| t.name.starts_with(p.as_str()))
+            })
             .cloned()
             .collect();
         let security_group = s
@@ -464,6 +479,17 @@ impl Cloud for FakeCloud {
             }
         }
         Box::pin(async move { Ok(()) })
+    }
+
+    fn cluster_vpc<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<String, CloudError>> {
+        Box::pin(async { Ok("vpc-fake".to_string()) })
+    }
+
+    fn vet<'a>(
+        &'a self,
+        _: &'a crate::model::DesiredLoadBalancer,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(async { Ok(()) })
     }
 
     fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>> {

@@ -41,6 +41,13 @@ pub enum CloudError {
     /// No subnets to place the load balancer in.
     #[error("no subnets: {0}")]
     NoSubnets(String),
+    /// What the Service asks for is outside what this cluster may use (another VPC): reported
+    /// like bad input, never retried until the Service or the cloud changes.
+    #[error("{message}")]
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
     /// A step of the plan referred to something that should exist by then.
     #[error("internal: {0}")]
     Internal(String),
@@ -65,6 +72,11 @@ pub struct StackQuery {
     /// Teardown: a same-named resource that is not ours is simply not part of the stack
     /// (instead of an error that would block the Service's deletion).
     pub skip_foreign: bool,
+    /// Teardown: also every target group tagged for this Service whose name starts with this
+    /// prefix (the readable part of cloudlb's names), found by listing. A group whose delete
+    /// failed after its load balancer went is attached to nothing and may not be a name the
+    /// Service still models (a ClusterIP Service has no nodePorts), so only its tags find it.
+    pub target_groups_by_tag: Option<String>,
     /// Teardown: read only what names each resource (ARNs, ids, ownership), not attributes,
     /// listeners or targets, which a deletion does not need.
     pub identities_only: bool,
@@ -105,6 +117,8 @@ pub struct Deployed {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BoundTargetGroup {
     pub name: String,
+    /// The VPC the group is in.
+    pub vpc_id: String,
     /// `instance`, `ip`, `lambda` or `alb`, as ELBv2 spells it.
     pub target_type: String,
     pub tags: BTreeMap<String, String>,
@@ -205,6 +219,15 @@ pub trait Cloud: Send + Sync {
         arn: &'a str,
         targets: &'a [Target],
     ) -> BoxFuture<'a, Result<(), CloudError>>;
+
+    /// The cluster's VPC: `--vpc-id`, else the one VPC of the nodes' EC2 instances (`hints`:
+    /// some of their ids), found once and remembered.
+    fn cluster_vpc<'a>(&'a self, hints: &'a [String]) -> BoxFuture<'a, Result<String, CloudError>>;
+
+    /// Checks, before any write, that what `desired` asks for is inside the cluster's VPC: its
+    /// subnets (annotation or discovery) and the security groups the annotation names.
+    fn vet<'a>(&'a self, desired: &'a DesiredLoadBalancer)
+    -> BoxFuture<'a, Result<(), CloudError>>;
 
     /// Everything in the account tagged for this cluster (for the orphan sweep).
     fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>>;

@@ -680,6 +680,7 @@ mod tests {
             &[],
             &ClusterContext {
                 cluster_name: "c".into(),
+                load_balancer_class: "cloudlb.io/nlb".into(),
                 node_proxy_health_port: None,
             },
         )

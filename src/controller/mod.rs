@@ -12,6 +12,7 @@ pub mod leader;
 pub mod memory;
 pub mod orphans;
 pub mod plan_cmd;
+pub mod policy;
 pub mod service;
 pub mod status;
 #[cfg(test)]
@@ -82,13 +83,25 @@ pub struct ClusterArgs {
     /// (the target-node-labels annotation narrows it further per Service).
     #[arg(long, env = "CLOUDLB_NODE_SELECTOR", value_parser = parse_labels, default_value = "")]
     pub node_selector: std::collections::BTreeMap<String, String>,
+    /// What tenants' annotations may ask for (see [`policy`]).
+    #[command(flatten)]
+    pub policy: policy::PolicyArgs,
 }
 
 impl ClusterArgs {
+    /// Who this installation is in the account: cluster and class tags decide ownership.
+    pub fn ownership(&self) -> Ownership {
+        Ownership {
+            cluster: self.cluster_name.clone(),
+            class: self.load_balancer_class.clone(),
+        }
+    }
+
     /// The model's view of these settings.
     pub fn context(&self) -> crate::model::ClusterContext {
         crate::model::ClusterContext {
             cluster_name: self.cluster_name.clone(),
+            load_balancer_class: self.load_balancer_class.clone(),
             node_proxy_health_port: self.node_proxy_health_port,
         }
     }
@@ -151,7 +164,7 @@ pub struct ControllerArgs {
         default_value = ""
     )]
     pub target_group_binding_selector: std::collections::BTreeMap<String, String>,
-    /// Delete resources tagged for this cluster whose Service no longer exists.
+    /// Delete resources tagged for this cluster and class whose Service no longer exists.
     #[arg(long, env = "CLOUDLB_ORPHAN_SWEEP")]
     pub orphan_sweep: bool,
     /// How often the orphan sweep lists the account.
@@ -300,9 +313,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
 
     let mut cloud = AwsCloud::from_env(
         args.cluster.region.as_deref(),
-        Ownership {
-            cluster: args.cluster.cluster_name.clone(),
-        },
+        args.cluster.ownership(),
         metrics.clone(),
         RateLimits {
             qps: args.aws_qps,
@@ -311,7 +322,8 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             targets_burst: args.aws_targets_burst,
         },
     )
-    .await;
+    .await
+    .with_vpc(args.cluster.policy.vpc_id.clone());
     if let Some((_, lost)) = &lease {
         // A replica that lost the lease writes nothing more, even from reconciles in flight.
         cloud = cloud.fenced_by(lost.clone());
@@ -523,6 +535,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
 
     let bindings = binding_controller(
         client.clone(),
+        &ctx,
         &args,
         BindingTriggers {
             services: svc_rx,
@@ -615,6 +628,7 @@ struct BindingTriggers {
 /// by node changes (instance targets) and by its Service's EndpointSlices (ip targets).
 fn binding_controller(
     client: Client,
+    ctx: &Context,
     args: &ControllerArgs,
     triggers: BindingTriggers,
 ) -> Controller<TargetGroupBinding> {
@@ -628,6 +642,7 @@ fn binding_controller(
             .debounce(Duration::from_millis(200)),
     );
     let store = controller.store();
+    let _ = ctx.bindings.store.set(store.clone());
     let (for_services, for_nodes, for_slices) = (store.clone(), store.clone(), store);
     controller
         .watches_stream(triggers.services.map(Ok), move |svc: Service| {

@@ -134,20 +134,26 @@ pub struct World {
     pub writes: Arc<FakeWrites>,
     pub journal: Journal,
     nodes: Writer<Node>,
+    services: Writer<Service>,
 }
 
 impl World {
     /// A synced, leading context with `nodes` ready nodes (`i-0`, `i-1`, …).
     pub fn new(nodes: usize) -> World {
-        World::build(nodes, true)
+        World::build(nodes, true, cluster())
+    }
+
+    /// Like [`World::new`], with these controller settings.
+    pub fn with_cluster(nodes: usize, cluster: ClusterArgs) -> World {
+        World::build(nodes, true, cluster)
     }
 
     /// Like [`World::new`], but a standby replica (it does not hold the lease).
     pub fn standby(nodes: usize) -> World {
-        World::build(nodes, false)
+        World::build(nodes, false, cluster())
     }
 
-    fn build(nodes: usize, leading: bool) -> World {
+    fn build(nodes: usize, leading: bool, cluster: ClusterArgs) -> World {
         let journal = Journal::default();
         let cloud = Arc::new(FakeCloud::new(journal.clone()));
         let writes = Arc::new(FakeWrites {
@@ -158,7 +164,7 @@ impl World {
         let client = kube::Client::try_from(config).expect("client");
         let (node_store, node_writer) = reflector::store::<Node>();
         let (slices, _) = reflector::store();
-        let (services, _) = reflector::store();
+        let (services, service_writer) = reflector::store();
         let synced = CancellationToken::new();
         synced.cancel();
         let ctx = Context {
@@ -175,7 +181,7 @@ impl World {
                 },
             ),
             metrics: ControllerMetrics::new(),
-            cluster: cluster(),
+            cluster,
             nodes: node_store,
             slices,
             services,
@@ -194,11 +200,18 @@ impl World {
             writes,
             journal,
             nodes: node_writer,
+            services: service_writer,
         };
         for i in 0..nodes {
             w.add_node(&format!("n{i}"), &format!("i-{i}"));
         }
         w
+    }
+
+    /// Puts `svc` into the Service cache.
+    pub fn add_service(&mut self, svc: &Service) {
+        self.services
+            .apply_watcher_event(&watcher::Event::Apply(svc.clone()));
     }
 
     /// Adds a Ready node backed by EC2 instance `instance`.
@@ -234,6 +247,7 @@ fn synced_token() -> CancellationToken {
 /// The controller settings of the tests: cluster `c`, the default class.
 pub fn cluster() -> ClusterArgs {
     ClusterArgs {
+        policy: Default::default(),
         cluster_name: "c".into(),
         load_balancer_class: super::DEFAULT_CLASS.into(),
         default_class: false,

@@ -132,7 +132,7 @@ impl AwsCloud {
             Change::CreateTargetGroup(tg) => {
                 let d = desired
                     .ok_or_else(|| CloudError::Internal("create without desired state".into()))?;
-                let net = self.network(d.subnets.as_deref(), d.scheme).await?;
+                let net = self.network(d).await?;
                 let arn = self.create_target_group(tg, &net.vpc_id).await?;
                 st.target_group_arns.insert(tg.name.clone(), arn);
             }
@@ -167,7 +167,7 @@ impl AwsCloud {
                 targets,
             } => self.deregister_targets(target_group, targets).await?,
             Change::CreateLoadBalancer(d) => {
-                let net = self.network(d.subnets.as_deref(), d.scheme).await?;
+                let net = self.network(d).await?;
                 let groups = st.groups_for(&d.security_groups)?;
                 let out = self
                     .call(ops::CREATE_LOAD_BALANCER, || {
@@ -300,7 +300,7 @@ impl AwsCloud {
             Change::CreateSecurityGroup(sg) => {
                 let d = desired
                     .ok_or_else(|| CloudError::Internal("create without desired state".into()))?;
-                let net = self.network(d.subnets.as_deref(), d.scheme).await?;
+                let net = self.network(d).await?;
                 let ec2_tags = ec2_tags(&sg.tags);
                 let out = self
                     .call(ops::CREATE_SECURITY_GROUP, || {

@@ -94,6 +94,7 @@ pub mod ops {
     pub const DESCRIBE_LOAD_BALANCERS: Op = Op::read("DescribeLoadBalancers");
     pub const DESCRIBE_SECURITY_GROUPS: Op = Op::read("DescribeSecurityGroups");
     pub const DESCRIBE_SUBNETS: Op = Op::read("DescribeSubnets");
+    pub const DESCRIBE_INSTANCES: Op = Op::read("DescribeInstances");
     pub const DESCRIBE_TAGS: Op = Op::read("DescribeTags");
     pub const DESCRIBE_TARGET_GROUP_ATTRIBUTES: Op = Op::read("DescribeTargetGroupAttributes");
     pub const DESCRIBE_TARGET_GROUPS: Op = Op::read("DescribeTargetGroups");
@@ -139,17 +140,22 @@ pub async fn aws_config(region: Option<&str>) -> aws_config::SdkConfig {
     loader.load().await
 }
 
-/// Who we are in the account: resources are ours only with this cluster's tag.
+/// Who we are in the account: resources are ours only with this cluster's tag, and, when they
+/// carry a class tag, this installation's class.
 #[derive(Clone, Debug)]
 pub struct Ownership {
     pub cluster: String,
+    pub class: String,
 }
 
 impl Ownership {
-    /// Whether `t` marks a resource of this cluster for Service `ns/name`.
+    /// Whether `t` marks a resource of this cluster and class for Service `ns/name`. A resource
+    /// without a class tag (made before cloudlb tagged classes) is this Service's: a sync adopts
+    /// it by adding the tag; one of another class is another installation's.
     pub fn owns(&self, t: &BTreeMap<String, String>, service: &str) -> bool {
         t.get(tags::CLUSTER) == Some(&self.cluster)
             && t.get(tags::SERVICE).map(String::as_str) == Some(service)
+            && t.get(tags::CLASS).is_none_or(|c| *c == self.class)
     }
 }
 
@@ -162,6 +168,8 @@ pub struct AwsCloud {
     pub(super) general: TokenBucket,
     pub(super) targets: TokenBucket,
     pub(super) networks: Mutex<BTreeMap<String, Network>>,
+    /// `--vpc-id`, or the VPC found from the nodes' instances (once).
+    pub(super) vpc: Mutex<Option<String>>,
     /// Cancelled when this replica lost the leader lease: every write fails from then on.
     pub(super) fence: Option<tokio_util::sync::CancellationToken>,
 }
@@ -283,6 +291,7 @@ impl AwsCloud {
             general: TokenBucket::new(limits.qps, limits.burst),
             targets: TokenBucket::new(limits.targets_qps, limits.targets_burst),
             networks: Mutex::new(BTreeMap::new()),
+            vpc: Mutex::new(None),
             fence: None,
         }
     }
@@ -302,6 +311,14 @@ impl AwsCloud {
         limits: RateLimits,
     ) -> AwsCloud {
         AwsCloud::new(&aws_config(region).await, owner, metrics, limits)
+    }
+
+    /// Pins the cluster's VPC (`--vpc-id`); without it the VPC is found from the nodes.
+    pub fn with_vpc(self, vpc: Option<String>) -> AwsCloud {
+        AwsCloud {
+            vpc: Mutex::new(vpc),
+            ..self
+        }
     }
 
     pub fn owner(&self) -> &Ownership {

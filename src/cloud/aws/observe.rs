@@ -101,11 +101,25 @@ impl AwsCloud {
         }))
         .await?;
         found.extend(by_name.into_iter().flatten());
+        if let Some(prefix) = &q.target_groups_by_tag {
+            for tg in self.target_groups_named_like(prefix).await? {
+                if !found
+                    .iter()
+                    .any(|t| t.target_group_arn() == tg.target_group_arn())
+                {
+                    found.push(tg);
+                }
+            }
+        }
         let arns: Vec<String> = found
             .iter()
             .filter_map(|t| t.target_group_arn().map(str::to_string))
             .collect();
-        let tag_map = self.tags_of(&arns).await?;
+        // A listing may be stale (a group deleted meanwhile): then the vanished are skipped.
+        let tag_map = match q.target_groups_by_tag {
+            Some(_) => self.tags_of_existing(&arns).await?,
+            None => self.tags_of(&arns).await?,
+        };
         let mut ours = Vec::new();
         for tg in found {
             let Some(arn) = tg.target_group_arn().map(str::to_string) else {
@@ -145,6 +159,37 @@ impl AwsCloud {
             }))
             .await?;
         Ok(stack)
+    }
+
+    /// Every target group whose name starts with `prefix`, listing the account (teardown only:
+    /// see [`StackQuery::target_groups_by_tag`]); ownership is checked by the caller.
+    async fn target_groups_named_like(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<aws_sdk_elasticloadbalancingv2::types::TargetGroup>, CloudError> {
+        let mut out = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let m = marker.clone();
+            let page = self
+                .call(ops::DESCRIBE_TARGET_GROUPS, || {
+                    self.elb
+                        .describe_target_groups()
+                        .set_marker(m.clone())
+                        .send()
+                })
+                .await?;
+            out.extend(
+                page.target_groups()
+                    .iter()
+                    .filter(|t| t.target_group_name().is_some_and(|n| n.starts_with(prefix)))
+                    .cloned(),
+            );
+            marker = page.next_marker().map(str::to_string);
+            if marker.is_none() {
+                return Ok(out);
+            }
+        }
     }
 
     /// The managed security group: named like the load balancer, tagged for this Service.

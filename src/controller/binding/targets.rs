@@ -1,5 +1,4 @@
-//! The targets a TargetGroupBinding wants in its target group, and the registrations that get the
-//! group there. Pure: the reconcile in `binding.rs` supplies the Service, nodes and slices.
+//! The targets a TargetGroupBinding wants in its target group. Pure: the reconcile in `binding.rs` supplies the Service, nodes and slices.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -144,27 +143,6 @@ pub fn accepts(aws_type: &str, wanted: TargetType) -> bool {
         (aws_type, wanted),
         ("instance", TargetType::Instance) | ("ip", TargetType::Ip)
     )
-}
-
-/// The writes that turn `active` into `desired`: register first, then deregister, so a target
-/// group never has fewer targets than it needs while it changes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TargetChanges {
-    pub register: Vec<Target>,
-    pub deregister: Vec<Target>,
-}
-
-impl TargetChanges {
-    pub fn between(desired: &BTreeSet<Target>, active: &BTreeSet<Target>) -> TargetChanges {
-        TargetChanges {
-            register: desired.difference(active).cloned().collect(),
-            deregister: active.difference(desired).cloned().collect(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.register.is_empty() && self.deregister.is_empty()
-    }
 }
 
 /// `i-1:30080, i-2:30080` (at most `max` listed, then `and N more`).
@@ -378,38 +356,6 @@ mod tests {
             )
             .unwrap_err();
             assert_eq!((err.reason(), err.to_string().as_str()), (reason, message));
-        }
-    }
-
-    #[test]
-    fn changes_register_missing_and_deregister_extra_targets() {
-        let cases = [
-            (
-                targets(&[("a", 1), ("b", 1)]),
-                targets(&[("a", 1), ("b", 1)]),
-                vec![],
-                vec![],
-            ),
-            (
-                targets(&[("a", 1), ("b", 1)]),
-                targets(&[("a", 1)]),
-                vec![("b", 1)],
-                vec![],
-            ),
-            (targets(&[]), targets(&[("a", 1)]), vec![], vec![("a", 1)]),
-            (
-                targets(&[("a", 2)]),
-                targets(&[("a", 1)]),
-                vec![("a", 2)],
-                vec![("a", 1)],
-            ),
-        ];
-        for (desired, active, register, deregister) in cases {
-            let c = TargetChanges::between(&desired, &active);
-            let list = |v: Vec<(&str, i32)>| targets(&v).into_iter().collect::<Vec<_>>();
-            assert_eq!(c.register, list(register));
-            assert_eq!(c.deregister, list(deregister.clone()));
-            assert_eq!(c.is_empty(), c.register.is_empty() && deregister.is_empty());
         }
     }
 

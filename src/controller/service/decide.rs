@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{Resource, ResourceExt};
 
-use super::super::ClusterArgs;
 use super::super::status::{current_hostname, has_finalizer};
+use super::super::{ClusterArgs, policy};
 use crate::annotations::{self, LoadBalancerOptions};
 use crate::cloud::StackQuery;
 use crate::model::{self, DesiredLoadBalancer, ModelError, Target, TargetType};
@@ -63,6 +63,8 @@ pub struct View<'a> {
     pub pending_target_groups: BTreeSet<String>,
     /// The last full sync (`None` for `cloudlb plan`, which has no memory).
     pub applied: Option<Applied>,
+    /// Another Service of ours, older, that wants the same load balancer name (`ns/name`).
+    pub name_holder: Option<String>,
     pub resync: Duration,
     pub now: Instant,
 }
@@ -77,6 +79,9 @@ pub enum Next {
         reason: &'static str,
         message: String,
     },
+    /// The load balancer name is another (older) Service's: refused like bad input, and the
+    /// holder is told too.
+    NameTaken { name: String, holder: String },
     /// Same desired state as the last sync, within the resync period: no cloud call.
     UpToDate,
     /// Same desired state, but the Service as cached lacks the finalizer or the hostname (a
@@ -159,6 +164,22 @@ pub fn decide(v: &View) -> Next {
             };
         }
     };
+    let refused = policy::refusals(
+        &opts,
+        &svc.namespace().unwrap_or_default(),
+        &v.cluster.policy,
+    );
+    if !refused.is_empty() {
+        let message = refused
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Next::Invalid {
+            reason: "NotAllowed",
+            message,
+        };
+    }
     let desired = match desire(v, &opts) {
         Ok(d) => d,
         Err(e) => {
@@ -168,6 +189,12 @@ pub fn decide(v: &View) -> Next {
             };
         }
     };
+    if let Some(holder) = &v.name_holder {
+        return Next::NameTaken {
+            name: desired.name,
+            holder: holder.clone(),
+        };
+    }
     let desired_hash = hash_of(&desired);
     if let Some(a) = &v.applied {
         if v.now.saturating_duration_since(a.at) < v.resync {
@@ -249,6 +276,10 @@ fn teardown_query(v: &View) -> StackQuery {
     if let Ok(d) = desire(v, &opts) {
         q.target_group_names = d.target_groups.iter().map(|t| t.name.clone()).collect();
     }
+    q.target_groups_by_tag = Some(model::name_prefix(
+        &v.svc.namespace().unwrap_or_default(),
+        &v.svc.name_any(),
+    ));
     with_pending(&mut q, &v.pending_target_groups);
     q
 }
@@ -258,6 +289,10 @@ fn teardown_query(v: &View) -> StackQuery {
 /// modelled (bad annotations): then nothing of it can be judged unreachable.
 pub fn reachable_names(v: &View) -> Option<(Vec<String>, Vec<String>)> {
     let opts = annotations::parse(v.svc.annotations()).ok()?;
+    let ns = v.svc.namespace().unwrap_or_default();
+    if !policy::refusals(&opts, &ns, &v.cluster.policy).is_empty() {
+        return None;
+    }
     let desired = desire(v, &opts).ok()?;
     let q = query(v.svc, Some(&desired), &opts, &v.cluster.cluster_name);
     Some((q.load_balancer_names, q.target_group_names))
@@ -306,6 +341,7 @@ fn query(
             .map(|d| d.target_groups.iter().map(|t| t.name.clone()).collect())
             .unwrap_or_default(),
         skip_foreign: desired.is_none(),
+        target_groups_by_tag: None,
         identities_only: desired.is_none(),
     }
 }
@@ -341,6 +377,8 @@ pub(crate) fn structure_hash(d: &DesiredLoadBalancer) -> u64 {
     for tg in &mut bare.target_groups {
         tg.targets.clear();
     }
+    // Which nodes hint at the cluster's VPC moves with the nodes, like the targets.
+    bare.node_instances.clear();
     hash_of(&bare)
 }
 
@@ -396,6 +434,7 @@ mod tests {
 
     fn cluster(default_class: bool) -> ClusterArgs {
         ClusterArgs {
+            policy: Default::default(),
             cluster_name: "c".into(),
             load_balancer_class: "cloudlb.io/nlb".into(),
             default_class,

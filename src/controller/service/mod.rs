@@ -122,10 +122,45 @@ fn with_view<T>(svc: &Service, ctx: &Context, f: impl FnOnce(&View) -> T) -> T {
             .get(&key)
             .unwrap_or_default(),
         applied: ctx.services_memory.applied.get(&key),
+        name_holder: name_holder(svc, ctx),
         resync: ctx.resync,
         now: Instant::now(),
     };
     f(&view)
+}
+
+/// The older Service of ours (`ns/name`) that wants `svc`'s load balancer name, if any: the
+/// oldest (then by key) of those wanting one name keeps it.
+fn name_holder(svc: &Service, ctx: &Context) -> Option<String> {
+    let name_of = |s: &Service| -> Option<String> {
+        let opts = crate::annotations::parse(s.annotations()).ok()?;
+        Some(opts.name.unwrap_or_else(|| {
+            crate::model::load_balancer_name(
+                &ctx.cluster.cluster_name,
+                &s.namespace().unwrap_or_default(),
+                &s.name_any(),
+            )
+        }))
+    };
+    let mine = name_of(svc)?;
+    let rank = |s: &Service| {
+        (
+            s.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string()),
+            format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+        )
+    };
+    let me = rank(svc);
+    ctx.services
+        .state()
+        .iter()
+        .filter(|s| is_ours(s, &ctx.cluster) && s.metadata.deletion_timestamp.is_none())
+        .filter(|s| rank(s) != me && rank(s) < me)
+        .filter(|s| name_of(s).as_deref() == Some(mine.as_str()))
+        .map(|s| rank(s).1)
+        .min()
 }
 
 /// What a reconcile of `svc` would look at (for the orphan sweep); see
@@ -154,6 +189,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Reconci
     match next {
         Next::Ignore => Ok(Action::await_change()),
         Next::Invalid { reason, message } => invalid(svc, ctx, reason, &message).await,
+        Next::NameTaken { name, holder } => name_taken(svc, ctx, &name, &holder).await,
         Next::UpToDate => Ok(Action::requeue(ctx.resync)),
         Next::Restore { hostname } => restore(svc, ctx, hostname.as_deref()).await,
         Next::Retarget {
@@ -203,6 +239,16 @@ async fn sync(
             .map(|l| l.dns_name.clone());
         (hostname, arns, None)
     } else {
+        // Outside the cluster's VPC: refused like bad input, before any write.
+        if let Some(d) = &plan.desired {
+            match ctx.cloud.vet(d).await {
+                Ok(()) => {}
+                Err(CloudError::Refused { reason, message }) => {
+                    return invalid(svc, ctx, reason, &message).await;
+                }
+                Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
+            }
+        }
         let creating = plan.observed.load_balancer.is_none();
         remember_created(&plan.changes, ctx, &key);
         // The Event is not on the way to the hostname: it is written while AWS works.
@@ -416,6 +462,56 @@ async fn invalid(
     Ok(Action::await_change())
 }
 
+/// Refused because another, older Service of ours wants the same load balancer name: this
+/// Service gets the condition and a Warning, and the holder a Warning too (once, when this
+/// Service's condition turns), so both owners see the clash.
+async fn name_taken(
+    svc: &Service,
+    ctx: &Context,
+    name: &str,
+    holder: &str,
+) -> Result<Action, ReconcileError> {
+    let me = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+    let message = format!(
+        "load balancer name {name} is already used by Service {holder}; choose another name (annotation service.beta.kubernetes.io/aws-load-balancer-name)"
+    );
+    let changed = ctx
+        .writes
+        .update_status(
+            svc,
+            status::Update {
+                hostname: status::current_hostname(svc),
+                synced: false,
+                reason: "NameConflict",
+                message: &message,
+            },
+        )
+        .await?;
+    if changed {
+        warn!(%name, %holder, "load balancer name taken; no cloud change made");
+        let note = Note::warning(
+            "SyncLoadBalancerFailed",
+            "SyncLoadBalancerFailed",
+            format!("NameConflict: {message}"),
+        );
+        ctx.writes.event(svc, note).await;
+        let holder_ref = holder
+            .split_once('/')
+            .map(|(ns, n)| ObjectRef::<Service>::new(n).within(ns));
+        if let Some(h) = holder_ref.and_then(|r| ctx.services.get(&r)) {
+            let note = Note::warning(
+                "LoadBalancerNameConflict",
+                "Sync",
+                format!(
+                    "Service {me} also asks for load balancer name {name}; it is refused while this Service holds the name"
+                ),
+            );
+            ctx.writes.event(&h, note).await;
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
 /// Deletes everything the Service owns, then its status and finalizer.
 async fn cleanup(
     svc: &Service,
@@ -499,6 +595,11 @@ pub async fn dry_run(view: &View<'_>, cloud: &dyn Cloud) -> Result<DryRun, Cloud
         Next::Ignore => return Ok(DryRun::Ignore),
         Next::Invalid { reason, message } => {
             return Ok(DryRun::Invalid(format!("{reason}: {message}")));
+        }
+        Next::NameTaken { name, holder } => {
+            return Ok(DryRun::Invalid(format!(
+                "NameConflict: load balancer name {name} is Service {holder}'s"
+            )));
         }
         // Both need the memory of a sync, which `cloudlb plan` does not have.
         Next::UpToDate | Next::Restore { .. } | Next::Retarget { .. } => {

@@ -108,6 +108,7 @@ async fn plan_output_equals_the_changes_reconcile_applies() {
                 slices: &[],
                 pending_target_groups: Default::default(),
                 applied: None,
+                name_holder: None,
                 resync: w.ctx.resync,
                 now: Instant::now(),
             };
@@ -161,6 +162,96 @@ async fn a_standby_replica_neither_calls_the_cloud_nor_writes() {
         Action::await_change()
     );
     assert_eq!(w.journal.entries(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_teardown_finds_target_groups_left_behind_by_their_tags() {
+    let w = World::new(2);
+    let svc = lb_service("shop", "web", 30080);
+    run(&w, &svc).await.unwrap();
+    // The Service became ClusterIP (no nodePorts: its target group names cannot be modelled)
+    // after a teardown deleted the load balancer but not its target group.
+    w.cloud.leave_only_target_groups_of("shop/web");
+    assert_eq!(w.cloud.resources_of("shop/web"), 1);
+    let mut cluster_ip = w.writes.current(&svc);
+    let spec = cluster_ip.spec.as_mut().unwrap();
+    spec.type_ = Some("ClusterIP".into());
+    spec.load_balancer_class = None;
+    spec.ports.as_mut().unwrap()[0].node_port = None;
+    run(&w, &cluster_ip).await.unwrap();
+    assert_eq!(
+        w.cloud.resources_of("shop/web"),
+        0,
+        "{:#?}",
+        w.journal.entries()
+    );
+    assert!(
+        w.journal
+            .entries()
+            .iter()
+            .any(|e| e == "kube:remove-finalizer"),
+        "{:#?}",
+        w.journal.entries()
+    );
+}
+
+#[tokio::test]
+async fn a_taken_or_refused_load_balancer_name_changes_nothing_and_both_services_hear_of_it() {
+    let mut cluster = crate::controller::testing::cluster();
+    cluster.policy.custom_name_namespaces = vec!["team-*".into()];
+    let mut w = World::with_cluster(1, cluster);
+    let named = |ns: &str, created: &str| {
+        let mut s = lb_service(ns, "web", 30080);
+        s.metadata.annotations =
+            Some([(crate::annotations::key("name"), "shared-name".to_string())].into());
+        s.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            created.parse().unwrap(),
+        ));
+        s
+    };
+    let (holder, late) = (
+        named("team-a", "2026-01-01T00:00:00Z"),
+        named("team-b", "2026-01-02T00:00:00Z"),
+    );
+    w.add_service(&holder);
+    w.add_service(&late);
+    run(&w, &holder).await.unwrap();
+    assert_eq!(w.cloud.resources_of("team-a/web"), 3);
+    w.journal.clear();
+    run(&w, &late).await.unwrap();
+    let log = w.journal.entries();
+    assert!(log.iter().all(|e| !e.starts_with("cloud:")), "{log:#?}");
+    assert!(
+        log.iter()
+            .any(|e| e.starts_with("kube:status NameConflict")),
+        "{log:#?}"
+    );
+    let warnings: Vec<&String> = log
+        .iter()
+        .filter(|e| e.starts_with("kube:event Warning"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "one on each Service: {log:#?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|e| e.contains("already used by Service team-a/web"))
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|e| e.contains("Service team-b/web also asks"))
+    );
+
+    // A namespace the admin did not allow: refused before any cloud call.
+    let outsider = named("shop", "2026-01-03T00:00:00Z");
+    w.journal.clear();
+    run(&w, &outsider).await.unwrap();
+    let log = w.journal.entries();
+    assert!(log.iter().all(|e| !e.starts_with("cloud:")), "{log:#?}");
+    assert!(
+        log.iter().any(|e| e.starts_with("kube:status NotAllowed")),
+        "{log:#?}"
+    );
 }
 
 /// A Service synced on `w`, and its Service as written back (finalizer and hostname set).
