@@ -186,10 +186,24 @@ pub struct TargetGroupBindingStatus {
     /// How many targets are registered in the target group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registered_targets: Option<i32>,
+    /// The targets this binding registered itself, written before it registers them. Only these
+    /// are ever deregistered (when the Service stops wanting them, or when the binding goes), so
+    /// a target group shared with other clusters keeps their targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Vec<RegisteredTarget>>,
     /// `Ready` says whether the target group's targets match the Service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// One target in a binding's status: an instance id or IP, at a port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, JsonSchema)]
+pub struct RegisteredTarget {
+    /// EC2 instance id (`instance`) or IP address (`ip`).
+    pub id: String,
+    /// The port it was registered at.
+    pub port: i32,
 }
 
 /// A condition in the shape of `metav1.Condition`, so generic tooling (`kubectl wait

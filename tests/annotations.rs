@@ -432,6 +432,16 @@ async fn dualstack_opens_ipv6_and_ip_target_groups_keep_the_target_port_through_
     let rig = Rig::get();
     let ns = TestNamespace::new(rig, "ann6").await;
     let cloud = TestCloud::new(rig, "ann6").await;
+    // A node with an instance: the cluster's VPC is learned from it.
+    let i1 = cloud.instance(None).await;
+    let _n1 = TestNode::new(
+        rig,
+        "ann6-a",
+        "10.213.252.42",
+        Some(&TestCloud::provider_id(&i1)),
+        json!({"cloudlb.io/test-cluster": cloud.cluster}),
+    )
+    .await;
     let controller = ControllerProc::start(rig, &cloud, &[]);
     let client = rig.client().await;
     let api: Api<Service> = Api::namespaced(client.clone(), &ns.name);

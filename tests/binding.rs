@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, TargetTypeEnum};
+use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, Tag, TargetTypeEnum};
 use cloudlb::crd::{ConditionStatus, TargetGroupBinding};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -18,7 +18,8 @@ use support::{Rig, TestNamespace, TestNode, event_reasons, eventually};
 const WAIT: Duration = Duration::from_secs(30);
 const FINALIZER: &str = "cloudlb.io/targetgroupbinding-cleanup";
 
-/// A target group made directly in LocalStack, as Terraform would; returns its ARN.
+/// A target group made directly in LocalStack, as Terraform would, tagged to let the test's
+/// cluster bind it (`cloudlb.io/allow-binding/<cluster>=true`); returns its ARN.
 async fn target_group(cloud: &TestCloud, suffix: &str, kind: TargetTypeEnum, port: i32) -> String {
     let out = cloud
         .elb
@@ -28,6 +29,12 @@ async fn target_group(cloud: &TestCloud, suffix: &str, kind: TargetTypeEnum, por
         .port(port)
         .vpc_id(&cloud.vpc_id)
         .target_type(kind)
+        .tags(
+            Tag::builder()
+                .key(format!("cloudlb.io/allow-binding/{}", cloud.cluster))
+                .value("true")
+                .build(),
+        )
         .send()
         .await
         .expect("create target group");
@@ -264,8 +271,14 @@ async fn instance_binding_follows_nodes_and_cleans_up_on_delete() {
         .send()
         .await
         .unwrap();
-    assert!(
-        tags.tag_descriptions()[0].tags().is_empty(),
+    let keys: Vec<&str> = tags.tag_descriptions()[0]
+        .tags()
+        .iter()
+        .filter_map(|t| t.key())
+        .collect();
+    assert_eq!(
+        keys,
+        [format!("cloudlb.io/allow-binding/{}", cloud.cluster)],
         "cloudlb never tags a bound group"
     );
     assert_eq!(cloud.inventory().await, vec![], "cloudlb created nothing");
@@ -395,6 +408,8 @@ async fn binding_reports_what_is_wrong_and_changes_nothing() {
     let api: Api<TargetGroupBinding> = Api::namespaced(client.clone(), &ns.name);
     let svcs: Api<Service> = Api::namespaced(client.clone(), &ns.name);
     let instance_tg = target_group(&cloud, "inst", TargetTypeEnum::Instance, 80).await;
+    // One binding per target group: each case gets its own.
+    let other_instance_tg = target_group(&cloud, "inst2", TargetTypeEnum::Instance, 80).await;
     let ip_tg = target_group(&cloud, "ip", TargetTypeEnum::Ip, 80).await;
     let missing_tg = format!(
         "arn:aws:elasticloadbalancing:us-east-1:000000000000:targetgroup/{}-none/0123456789abcdef",
@@ -410,7 +425,7 @@ async fn binding_reports_what_is_wrong_and_changes_nothing() {
         ),
         (
             "no-port",
-            json!({"targetGroupARN": instance_tg, "serviceRef": {"name": "web", "port": 443}}),
+            json!({"targetGroupARN": other_instance_tg, "serviceRef": {"name": "web", "port": 443}}),
             "PortNotFound",
             "has no port 443",
         ),
@@ -455,6 +470,7 @@ async fn binding_reports_what_is_wrong_and_changes_nothing() {
         );
     }
     assert!(cloud.targets(&instance_tg).await.is_empty());
+    assert!(cloud.targets(&other_instance_tg).await.is_empty());
     assert!(cloud.targets(&ip_tg).await.is_empty());
     assert_eq!(
         controller.aws_calls(is_write),
@@ -489,7 +505,7 @@ async fn binding_reports_what_is_wrong_and_changes_nothing() {
     })
     .await;
     assert!(cloud.targets(&instance_tg).await.is_empty());
-    for tg in [&instance_tg, &ip_tg] {
+    for tg in [&instance_tg, &other_instance_tg, &ip_tg] {
         cloud
             .elb
             .delete_target_group()

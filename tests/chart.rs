@@ -158,6 +158,7 @@ fn default_values_render_a_locked_down_two_replica_controller_and_no_node_proxy(
         set_of(&[
             "ClusterRole",
             "ClusterRoleBinding",
+            "ConfigMap",
             "Deployment",
             "PodDisruptionBudget",
             "Role",
@@ -412,8 +413,11 @@ fn rbac_grants_exactly_what_each_component_needs() {
 
 #[test]
 fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_tag() {
-    let text = std::fs::read_to_string(chart_dir().join("iam-policy.json")).expect("read policy");
-    let policy: Value = serde_json::from_str(&text).expect("policy is JSON");
+    // The policy as the chart renders it for clusterName=prod (iam-policy.json is a template).
+    let docs = render(&["clusterName=prod"]);
+    let cm = one(&docs, "ConfigMap", "rel-cloudlb-controller-iam-policy");
+    let text = cm["data"]["policy.json"].as_str().expect("policy.json");
+    let policy: Value = serde_json::from_str(text).expect("policy is JSON");
     assert_eq!(policy["Version"], "2012-10-17");
     let statements = policy["Statement"].as_array().expect("statements");
     let actions_of = |s: &Value| -> Vec<String> {
@@ -433,6 +437,7 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
         .collect();
     let ec2_ops = [
         "DescribeSubnets",
+        "DescribeInstances",
         "DescribeSecurityGroups",
         "CreateSecurityGroup",
         "AuthorizeSecurityGroupIngress",
@@ -486,13 +491,31 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
 
     for s in statements {
         assert_eq!(s["Effect"], "Allow");
-        let condition = s["Condition"].to_string();
         for action in actions_of(s) {
             let name = action.split(':').nth(1).unwrap_or_default();
+            // Guarded by this cluster's own name, never just by the tag's presence (`Null`
+            // would let any cluster's tag pass).
+            let equals = s["Condition"]["StringEquals"].to_string();
             if name.starts_with("Create") || name == "AddTags" {
                 assert!(
-                    condition.contains("aws:RequestTag/cloudlb.io/cluster"),
-                    "{action} must require the cluster request tag: {s}"
+                    equals.contains(r#""aws:RequestTag/cloudlb.io/cluster":"prod""#)
+                        || equals.contains(r#""aws:ResourceTag/cloudlb.io/cluster":"prod""#),
+                    "{action} must require this cluster's tag: {s}"
+                );
+            }
+            if let Some(null) = s["Condition"]["Null"].as_object() {
+                assert!(
+                    null.values().all(|v| v == "true"),
+                    "a Null condition may only forbid a tag, never stand in for the cluster's name: {s}"
+                );
+            }
+            if name == "RegisterTargets" || name == "DeregisterTargets" {
+                let equals = s["Condition"]["StringEquals"].to_string();
+                assert!(
+                    equals.contains(r#""aws:ResourceTag/cloudlb.io/cluster":"prod""#)
+                        || equals
+                            .contains(r#""aws:ResourceTag/cloudlb.io/allow-binding/prod":"true""#),
+                    "{action} only in groups tagged for this cluster: {s}"
                 );
             }
             let guarded_by_resource_tag = !(name.starts_with("Describe")
@@ -502,7 +525,7 @@ fn iam_policy_grants_the_controller_actions_and_guards_writes_with_the_cluster_t
                 || name == "DeregisterTargets");
             if guarded_by_resource_tag {
                 assert!(
-                    condition.contains("aws:ResourceTag/cloudlb.io/cluster"),
+                    equals.contains(r#""aws:ResourceTag/cloudlb.io/cluster":"prod""#),
                     "{action} must be limited to resources with the cluster tag: {s}"
                 );
             }
@@ -1068,6 +1091,12 @@ async fn controller_with_only_the_chart_token_runs_a_service_and_a_binding_lifec
         .port(80)
         .vpc_id(&cloud.vpc_id)
         .target_type(TargetTypeEnum::Instance)
+        .tags(
+            aws_sdk_elasticloadbalancingv2::types::Tag::builder()
+                .key(format!("cloudlb.io/allow-binding/{}", cloud.cluster))
+                .value("true")
+                .build(),
+        )
         .send()
         .await
         .expect("target group");

@@ -27,15 +27,7 @@ fn lb_service(
     .unwrap()
 }
 
-async fn hostname(api: &Api<Service>, name: &str) -> Option<String> {
-    let svc = api.get_opt(name).await.ok()??;
-    svc.status?
-        .load_balancer?
-        .ingress?
-        .first()?
-        .hostname
-        .clone()
-}
+use support::service_hostname as hostname;
 
 fn node_ports(svc: &Service) -> Vec<(i32, String, i32)> {
     let mut v: Vec<(i32, String, i32)> = svc
@@ -357,6 +349,43 @@ async fn class_filtering_type_change_and_invalid_annotations() {
     );
     assert!(hostname(&api, "bad").await.is_none());
 
+    // A huge multi-byte value: the condition and the Event are cut to their byte limits
+    // (32 KiB and 1 KiB), so they are written at all, instead of failing every retry.
+    let huge_value = "ä".repeat(20_000);
+    let huge = lb_service(
+        "huge",
+        &cloud.class,
+        port.clone(),
+        json!({"service.beta.kubernetes.io/aws-load-balancer-scheme": huge_value}),
+    );
+    api.create(&PostParams::default(), &huge).await.unwrap();
+    let cond = eventually("a condition on huge", WAIT, || async {
+        let s = api.get("huge").await.ok()?;
+        s.status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "cloudlb.io/LoadBalancerSynced")
+    })
+    .await;
+    assert_eq!(cond.reason, "InvalidAnnotation");
+    assert!(
+        cond.message.len() <= 32_768 && cond.message.contains("ää"),
+        "{} bytes",
+        cond.message.len()
+    );
+    let note = eventually("a Warning event for huge", WAIT, || async {
+        let out = warning_notes(rig, &ns.name, "huge");
+        (!out.trim().is_empty()).then_some(out)
+    })
+    .await;
+    assert!(note.trim_end().len() <= 1024, "{} bytes", note.len());
+    eprintln!(
+        "huge annotation value: {} bytes; condition message {} bytes, Event note {} bytes",
+        huge_value.len(),
+        cond.message.len(),
+        note.trim_end().len()
+    );
+
     // Others are never touched: no finalizer, no status.
     for other in ["theirs", "classless"] {
         let s = api.get(other).await.unwrap();
@@ -445,7 +474,8 @@ async fn external_traffic_policy_local_health_check_and_foreign_name_collision()
         .unwrap()
         .to_string();
 
-    let _controller = ControllerProc::start(rig, &cloud, &[]);
+    // The clash needs a chosen name, which only allowed namespaces may set.
+    let _controller = ControllerProc::start(rig, &cloud, &["--custom-name-namespaces", &ns.name]);
     let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
     let mut local = lb_service(
         "local",
@@ -638,5 +668,68 @@ async fn plan_prints_the_changes_and_changes_nothing() {
     assert!(
         text.contains(&format!("{key}: up to date")) && text.trim_end().ends_with("0 change(s)"),
         "{text}"
+    );
+}
+
+/// What a teardown leaves when `DeleteTargetGroup` stays `ResourceInUse` past its retries after
+/// the load balancer went: a target group tagged for the Service, attached to nothing, of a
+/// Service that is ClusterIP by now (so it models no target group names). The next teardown
+/// attempt finds it by its tags, deletes it, and only then lets the finalizer go.
+#[tokio::test]
+async fn teardown_finds_a_left_target_group_by_its_tags() {
+    use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, Tag};
+    let rig = Rig::get();
+    let ns = TestNamespace::new(rig, "tdtag").await;
+    let cloud = TestCloud::new(rig, "tdtag").await;
+    let finalizer = cloudlb::controller::finalizer_for(&cloud.class);
+    let api: Api<Service> = Api::namespaced(rig.client().await, &ns.name);
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "finalizers": [finalizer]},
+        "spec": {"type": "ClusterIP", "selector": {"app": "web"}, "ports": [{"port": 80}]}
+    }))
+    .unwrap();
+    let svc = api.create(&PostParams::default(), &svc).await.unwrap();
+    let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+    let left = cloud
+        .elb
+        .create_target_group()
+        .name(format!(
+            "{}left",
+            cloudlb::model::name_prefix(&ns.name, "web")
+        ))
+        .protocol(ProtocolEnum::Tcp)
+        .port(30080)
+        .vpc_id(&cloud.vpc_id)
+        .tags(tag("cloudlb.io/cluster", &cloud.cluster))
+        .tags(tag("cloudlb.io/load-balancer-class", &cloud.class))
+        .tags(tag("cloudlb.io/service", &format!("{}/web", ns.name)))
+        .tags(tag(
+            "cloudlb.io/service-uid",
+            svc.metadata.uid.as_deref().unwrap(),
+        ))
+        .tags(tag("cloudlb.io/resource", "targetgroup"))
+        .send()
+        .await
+        .expect("target group")
+        .target_groups()[0]
+        .target_group_arn()
+        .unwrap()
+        .to_string();
+    assert_eq!(cloud.inventory().await.len(), 1);
+
+    let _controller = ControllerProc::start(rig, &cloud, &[]);
+    eventually("the finalizer goes", WAIT, || async {
+        let s = api.get("web").await.ok()?;
+        s.metadata
+            .finalizers
+            .unwrap_or_default()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        cloud.inventory().await,
+        vec![],
+        "the left group {left} is deleted"
     );
 }

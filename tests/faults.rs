@@ -20,8 +20,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use support::apiserver::{PrivateApiserver, ready_node};
 use support::cloud::{ControllerProc, TestCloud, is_write};
-use support::faultproxy::{FaultPlan, FaultProxy, Faults};
-use support::{Rig, unique};
+use support::faultproxy::{FaultCounts, FaultPlan, FaultProxy, Faults};
+use support::{Rig, eventually, unique};
 
 /// One fault test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -648,6 +648,7 @@ async fn force_deleted_service_is_collected_as_orphan_and_nothing_else_is() {
         .port(30002)
         .vpc_id(&cloud.vpc_id)
         .tags(tag("cloudlb.io/cluster", &cloud.cluster))
+        .tags(tag("cloudlb.io/load-balancer-class", &cloud.class))
         .tags(tag("cloudlb.io/service", "default/o2"))
         .tags(tag("cloudlb.io/service-uid", &o2.uid().unwrap()))
         .send()
@@ -820,6 +821,101 @@ async fn two_replicas_one_leader_no_duplicates_and_failover() {
         "FIGURES leader: one leader of two, failover after SIGKILL in {failover:.1?} (lease 6 s), no duplicate NLBs; proxy {}",
         bed.proxy.counts()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_renewal_hangs_stops_writing_before_its_lease_expires() {
+    let _serial = SERIAL.lock().await;
+    // Every AWS call takes 1.2–1.6 s, so deploys (which need no apiserver) are still under
+    // way when the apiserver hangs and the renew deadline (4 s) passes.
+    let faults = Faults {
+        latency_rate: 1.0,
+        latency: (Duration::from_millis(1200), Duration::from_millis(1600)),
+        ..Faults::none()
+    };
+    let bed = Bed::new("fhang", 2, seed(6), faults).await;
+    let lease = unique("lease");
+    let lease_seconds = 6u64;
+    let lease_flag = lease_seconds.to_string();
+    let flags = [
+        "--leader-elect",
+        "--lease-name",
+        &lease,
+        "--lease-namespace",
+        "default",
+        "--lease-duration-seconds",
+        &lease_flag,
+        "--identity",
+        "hung-leader",
+    ];
+    let mut leader = bed.controller(&flags);
+    let api = bed.services();
+    eventually("leadership", Duration::from_secs(30), || async {
+        (metric(&leader.metrics(), "cloudlb_leader ") == 1.0).then_some(())
+    })
+    .await;
+    let names: Vec<(usize, String)> = (0..20).map(|i| (i, format!("h{i}"))).collect();
+    create_many(&api, &bed.cloud.class, &names).await;
+    let writes = |c: &FaultCounts| -> u64 {
+        c.by_operation
+            .iter()
+            .filter(|(op, _)| is_write(op))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    // The deploys are under way when the apiserver freezes (renewals now hang).
+    eventually("writes in flight", Duration::from_secs(60), || async {
+        (writes(&bed.proxy.counts()) > 0).then_some(())
+    })
+    .await;
+    bed.apiserver.pause();
+    let paused = Instant::now();
+    // Two thirds of the lease is the renew deadline; by the lease's end the leader must have
+    // stepped down and stopped writing.
+    tokio::time::sleep(Duration::from_secs(lease_seconds)).await;
+    let at_expiry = writes(&bed.proxy.counts());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = writes(&bed.proxy.counts());
+    let log = std::fs::read_to_string(std::env::temp_dir().join(format!(
+        "cloudlb-controller-{}-{}.log",
+        bed.cloud.cluster, leader.metrics_port
+    )))
+    .unwrap_or_default();
+    bed.apiserver.resume();
+    let stepped_down = log
+        .lines()
+        .position(|l| l.contains("stepping down"))
+        .unwrap_or_else(|| {
+            panic!(
+                "the leader says why it stopped: {}",
+                log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+            )
+        });
+    // Changes the deploys in flight went on to, which the fence kept from AWS.
+    let refused = log
+        .lines()
+        .skip(stepped_down)
+        .filter(|l| l.contains("applying change="))
+        .count();
+    eprintln!(
+        "FIGURES hung renewal: apiserver paused {:?}; AWS writes {at_expiry} at lease expiry, {later} three seconds later; {refused} changes refused after stepping down",
+        paused.elapsed()
+    );
+    assert_eq!(
+        at_expiry, later,
+        "no AWS write after the lease expired (the leader stepped down at its renew deadline)"
+    );
+    assert!(
+        refused > 0,
+        "deploys were still under way when the renewal hung, so the fence had something to stop"
+    );
+    // A fresh replica finishes the job, without duplicates.
+    bed.proxy.set_plan(FaultPlan::uniform(Faults::none()));
+    leader.kill();
+    let _next = bed.controller(&flags);
+    bed.converge("hung renewal: after a new leader").await;
+    bed.delete_all_and_check_empty("hung renewal: deleted")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -168,9 +168,10 @@ struct Figures {
 }
 
 // Not yet a CI gate: on 2 cores, where this process both floods and probes, one health answer in
-// a few thousand still takes 106–228 ms in about one run of three (CI run 2 of this stop: p99 16 ms,
-// one answer at 138 ms). Every other assertion held in every run. Run it with
-// `cargo test --test proxy_flood -- --ignored --nocapture`; issue 13 stays open until it gates.
+// a few thousand can still take over 100 ms when the machine is loaded. With the proxy and the
+// prober at nice -5 (this stop): p99 7–15 ms, max 42–56 ms in two runs of three, one answer at
+// 149 ms in the third, at load average 13 (other builds on the machine). Every other assertion
+// held in every run. Run it with `cargo test --test proxy_flood -- --ignored --nocapture`.
 #[ignore = "health latency outliers over 100 ms on loaded 2-core machines; see the comment"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounded_flood_is_capped_counted_and_health_stays_fast() {
@@ -238,7 +239,11 @@ async fn a_bounded_flood_is_capped_counted_and_health_stays_fast() {
     // The proxy, with the caps of this test.
     let log = std::env::temp_dir().join(format!("cloudlb-flood-proxy-{}.log", node.name));
     let out = std::fs::File::create(&log).unwrap();
-    let mut cmd = node_ns.command(env!("CARGO_BIN_EXE_cloudlb"));
+    // The proxy runs at a higher CPU priority than this test process, whose flood stands in
+    // for clients on other machines: on 2 shared cores the flood generator would otherwise
+    // compete with the proxy it attacks for the same CPU.
+    let mut cmd = node_ns.command("nice");
+    cmd.args(["-n", "-5"]).arg(env!("CARGO_BIN_EXE_cloudlb"));
     let caps = [
         ("--tcp-max-connections", TCP_MAX),
         ("--tcp-max-connections-per-source", TCP_MAX_PER_SOURCE),
@@ -387,6 +392,12 @@ async fn a_bounded_flood_is_capped_counted_and_health_stays_fast() {
     // on the health-check node port and on --health-addr every 20 ms.
     let prober_stop = stop.clone();
     let prober = in_netns(&client_ns.name, move || {
+        // The prober stands in for the NLB's health checker: it too gets the CPU before the
+        // flood (threads inherit nothing here; this thread only).
+        // SAFETY: setpriority on this thread's own id.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -5);
+        }
         let start = Instant::now();
         let mut latencies = Vec::new();
         let mut failures = Vec::new();

@@ -81,6 +81,15 @@ impl FakeCloud {
             .extend((0..n).map(|i| format!("injected failure {}", i + 1)));
     }
 
+    /// Removes the load balancers (and their security groups) of Service `namespace/name` but
+    /// keeps its target groups: what a teardown leaves when DeleteTargetGroup stays
+    /// ResourceInUse past its retries.
+    pub fn leave_only_target_groups_of(&self, service: &str) {
+        let mut s = self.state.lock().expect("fake lock");
+        s.load_balancers.retain(|_, l| !owned_by(&l.tags, service));
+        s.security_groups.retain(|_, g| !owned_by(&g.tags, service));
+    }
+
     /// How many resources (load balancers, target groups, security groups) the fake holds
     /// for Service `namespace/name`.
     pub fn resources_of(&self, service: &str) -> usize {
@@ -97,6 +106,24 @@ impl FakeCloud {
                 .values()
                 .filter(|g| owned_by(&g.tags, service))
                 .count()
+    }
+
+    /// Target ids registered in the target groups tagged for `service`, sorted.
+    pub fn targets_of(&self, service: &str) -> Vec<String> {
+        let s = self.state.lock().expect("fake lock");
+        let mut ids: Vec<String> = s
+            .target_groups
+            .values()
+            .filter(|t| owned_by(&t.tags, service))
+            .flat_map(|t| t.targets.iter().map(|x| x.id.clone()))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Deletes every target group (as if someone removed them by hand).
+    pub fn delete_target_groups(&self) {
+        self.state.lock().expect("fake lock").target_groups.clear();
     }
 
     fn observe_now(&self, q: &StackQuery) -> ObservedStack {
@@ -116,7 +143,13 @@ impl FakeCloud {
             .target_groups
             .values()
             .filter(|t| owned_by(&t.tags, &q.service))
-            .filter(|t| attached.contains(t.arn.as_str()) || q.target_group_names.contains(&t.name))
+            .filter(|t| {
+                attached.contains(t.arn.as_str())
+                    || q.target_group_names.contains(&t.name)
+                    || q.target_groups_by_tag
+                        .as_ref()
+                        .is_some_and(|p| t.name.starts_with(p.as_str()))
+            })
             .cloned()
             .collect();
         let security_group = s
@@ -378,6 +411,11 @@ impl FakeCloud {
             dns_name: lb_arn
                 .and_then(|a| s.load_balancers.get(&a))
                 .map(|l| l.dns_name.clone()),
+            target_group_arns: s
+                .target_groups
+                .values()
+                .map(|t| (t.name.clone(), t.arn.clone()))
+                .collect(),
         })
     }
 }
@@ -419,19 +457,48 @@ impl Cloud for FakeCloud {
     fn register_targets<'a>(
         &'a self,
         arn: &'a str,
-        _targets: &'a [Target],
+        targets: &'a [Target],
     ) -> BoxFuture<'a, Result<(), CloudError>> {
         self.journal.push(format!("cloud:register {arn}"));
-        Box::pin(async move { Ok(()) })
+        let mut s = self.state.lock().expect("fake lock");
+        let res = match s.target_groups.get_mut(arn) {
+            Some(tg) => {
+                tg.targets.extend(targets.iter().cloned());
+                Ok(())
+            }
+            None => Err(CloudError::Rejected {
+                operation: "RegisterTargets",
+                code: "TargetGroupNotFound".into(),
+                message: format!("{arn} not found"),
+            }),
+        };
+        Box::pin(async move { res })
     }
 
     fn deregister_targets<'a>(
         &'a self,
         arn: &'a str,
-        _targets: &'a [Target],
+        targets: &'a [Target],
     ) -> BoxFuture<'a, Result<(), CloudError>> {
         self.journal.push(format!("cloud:deregister {arn}"));
+        let mut s = self.state.lock().expect("fake lock");
+        if let Some(tg) = s.target_groups.get_mut(arn) {
+            for t in targets {
+                tg.targets.remove(t);
+            }
+        }
         Box::pin(async move { Ok(()) })
+    }
+
+    fn cluster_vpc<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<String, CloudError>> {
+        Box::pin(async { Ok("vpc-fake".to_string()) })
+    }
+
+    fn vet<'a>(
+        &'a self,
+        _: &'a crate::model::DesiredLoadBalancer,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(async { Ok(()) })
     }
 
     fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>> {

@@ -35,9 +35,19 @@ pub enum CloudError {
         "{kind} {name:?} exists but is not owned by this cluster's cloudlb for this Service; it is left alone"
     )]
     NotOwned { kind: &'static str, name: String },
+    /// This replica lost the leader lease: it writes nothing more.
+    #[error("{operation}: not sent: this replica no longer holds the leader lease")]
+    Fenced { operation: &'static str },
     /// No subnets to place the load balancer in.
     #[error("no subnets: {0}")]
     NoSubnets(String),
+    /// What the Service asks for is outside what this cluster may use (another VPC): reported
+    /// like bad input, never retried until the Service or the cloud changes.
+    #[error("{message}")]
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
     /// A step of the plan referred to something that should exist by then.
     #[error("internal: {0}")]
     Internal(String),
@@ -62,6 +72,15 @@ pub struct StackQuery {
     /// Teardown: a same-named resource that is not ours is simply not part of the stack
     /// (instead of an error that would block the Service's deletion).
     pub skip_foreign: bool,
+    /// Teardown: also every target group tagged for this Service whose name starts with this
+    /// prefix (the readable part of cloudlb's names), found by listing. A group whose delete
+    /// failed after its load balancer went is attached to nothing and may not be a name the
+    /// Service still models (a ClusterIP Service has no nodePorts), so only its tags find it.
+    pub target_groups_by_tag: Option<String>,
+    /// Teardown: read only what names each resource (ARNs, ids, ownership) and the load
+    /// balancer's attributes (deletion protection), not listeners, targets or target group
+    /// attributes, which a deletion does not need.
+    pub identities_only: bool,
 }
 
 /// A plan ready to deploy: the changes, with the observed stack they start from and the
@@ -90,12 +109,17 @@ impl Plan {
 pub struct Deployed {
     /// The load balancer's DNS name, when one exists after the plan.
     pub dns_name: Option<String>,
+    /// Target group name → ARN of every group the stack holds after the plan: the handles a
+    /// later node change registers and deregisters through, without observing again.
+    pub target_group_arns: BTreeMap<String, String>,
 }
 
 /// A target group bound by a TargetGroupBinding, as read from the cloud.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BoundTargetGroup {
     pub name: String,
+    /// The VPC the group is in.
+    pub vpc_id: String,
     /// `instance`, `ip`, `lambda` or `alb`, as ELBv2 spells it.
     pub target_type: String,
     pub tags: BTreeMap<String, String>,
@@ -196,6 +220,15 @@ pub trait Cloud: Send + Sync {
         arn: &'a str,
         targets: &'a [Target],
     ) -> BoxFuture<'a, Result<(), CloudError>>;
+
+    /// The cluster's VPC: `--vpc-id`, else the one VPC of the nodes' EC2 instances (`hints`:
+    /// some of their ids), found once and remembered.
+    fn cluster_vpc<'a>(&'a self, hints: &'a [String]) -> BoxFuture<'a, Result<String, CloudError>>;
+
+    /// Checks, before any write, that what `desired` asks for is inside the cluster's VPC: its
+    /// subnets (annotation or discovery) and the security groups the annotation names.
+    fn vet<'a>(&'a self, desired: &'a DesiredLoadBalancer)
+    -> BoxFuture<'a, Result<(), CloudError>>;
 
     /// Everything in the account tagged for this cluster (for the orphan sweep).
     fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>>;

@@ -1,12 +1,14 @@
-//! The TargetGroupBinding controller: keeps the targets of a target group made outside cloudlb
-//! equal to a Service port's eligible nodes (at its nodePort) or ready pod IPs, and deregisters
-//! them when the binding goes. It only ever registers and deregisters targets: the group itself
-//! is never modified or deleted, and it needs no cloudlb tag.
+//! The TargetGroupBinding controller: keeps a Service port's eligible nodes (at its nodePort) or
+//! ready pod IPs registered in a target group made outside cloudlb, and takes out again exactly
+//! the targets it registered when they stop being wanted or the binding goes. It only ever
+//! registers and deregisters targets, only in groups tagged for this cluster, one binding per
+//! group ([`claim`]): the group itself is never modified or deleted.
 //!
 //! Runs as a second kube-runtime Controller beside the Service controller, sharing its
 //! [`Context`] (AWS client, rate limits, metrics, recorder) and node, EndpointSlice and Service
 //! stores; `mod.rs` maps Service, Node and EndpointSlice changes to bindings.
 
+pub mod claim;
 pub mod status;
 pub mod targets;
 
@@ -22,7 +24,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Context;
@@ -31,8 +33,9 @@ use super::memory::{Failures, PerObject, backoff};
 use crate::cloud::{BoundTargetGroup, CloudError};
 use crate::crd::{TargetGroupBinding, TargetType};
 use crate::model::{Target, tags};
+use claim::Refusal;
 use status::Outcome;
-use targets::{BindingProblem, NodePolicy, TargetChanges};
+use targets::{BindingProblem, NodePolicy};
 
 /// Holds a binding until every target it registered is deregistered.
 pub const FINALIZER: &str = "cloudlb.io/targetgroupbinding-cleanup";
@@ -57,6 +60,8 @@ pub struct State {
     applied: PerObject<ObjectRef<TargetGroupBinding>, (u64, Instant)>,
     /// Consecutive failures, for the 5 s → 300 s backoff.
     failures: Failures<ObjectRef<TargetGroupBinding>>,
+    /// The binding controller's cache (set once it is built), for the one-binding-per-ARN rule.
+    pub store: std::sync::OnceLock<Store<TargetGroupBinding>>,
 }
 
 /// Whether a binding is affected by a change of the Service `namespace/name`.
@@ -141,8 +146,9 @@ fn desire(b: &TargetGroupBinding, ctx: &Context) -> Result<BTreeSet<Target>, Bin
     let ns = b.namespace().unwrap_or_default();
     let name = &b.spec.service_ref.name;
     let svc: Option<Arc<Service>> = ctx.services.get(&ObjectRef::new(name).within(&ns));
-    let nodes: Vec<Node> = match b.spec.target_type {
-        TargetType::Instance => ctx.nodes.state().iter().map(|n| (**n).clone()).collect(),
+    // The cache's Arcs, never deep copies of every Node.
+    let nodes: Vec<Arc<Node>> = match b.spec.target_type {
+        TargetType::Instance => ctx.nodes.state(),
         TargetType::Ip => Vec::new(),
     };
     let slices: Vec<EndpointSlice> = match b.spec.target_type {
@@ -152,6 +158,7 @@ fn desire(b: &TargetGroupBinding, ctx: &Context) -> Result<BTreeSet<Target>, Bin
     let policy = NodePolicy {
         selector: ctx.cluster.node_selector.clone(),
         include_not_ready: ctx.cluster.keep_not_ready_nodes,
+        not_ready_guard_percent: ctx.cluster.not_ready_guard_percent,
     };
     targets::desired_targets(&b.spec, &ns, svc.as_deref(), &nodes, &slices, &policy)
 }
@@ -165,20 +172,29 @@ fn hash_of(b: &TargetGroupBinding, desired: &BTreeSet<Target>) -> u64 {
 }
 
 /// Why a target group cannot take this binding's targets, if it cannot.
-fn unusable(b: &TargetGroupBinding, tg: &BoundTargetGroup) -> Option<Outcome> {
-    if let Some(cluster) = tg.tags.get(tags::CLUSTER) {
-        let service = tg
-            .tags
-            .get(tags::SERVICE)
-            .map(String::as_str)
-            .unwrap_or("?");
-        return Some(failure(
-            "TargetGroupManagedByCloudlb",
-            format!(
-                "target group {} belongs to cloudlb's load balancer for Service {service} (cluster {cluster}), which manages its targets itself; bind a target group made outside cloudlb",
-                tg.name
-            ),
-        ));
+fn unusable(b: &TargetGroupBinding, tg: &BoundTargetGroup, cluster: &str) -> Option<Outcome> {
+    match claim::access(&tg.tags, cluster) {
+        Ok(()) => {}
+        Err(Refusal::ManagedByCloudlb { service, cluster }) => {
+            return Some(failure(
+                "TargetGroupManagedByCloudlb",
+                format!(
+                    "target group {} belongs to cloudlb's load balancer for Service {service} (cluster {cluster}), which manages its targets itself; bind a target group made outside cloudlb",
+                    tg.name
+                ),
+            ));
+        }
+        Err(Refusal::NotAllowed) => {
+            return Some(failure(
+                "TargetGroupNotAllowed",
+                format!(
+                    "target group {} is not tagged for this cluster: its owner must tag it {}={cluster} or {}=true before cluster {cluster} may register targets in it; nothing was changed",
+                    tg.name,
+                    tags::CLUSTER,
+                    claim::allow_tag(cluster)
+                ),
+            ));
+        }
     }
     let wanted = b.spec.target_type;
     if !targets::accepts(&tg.target_type, wanted) {
@@ -198,17 +214,79 @@ fn unusable(b: &TargetGroupBinding, tg: &BoundTargetGroup) -> Option<Outcome> {
     None
 }
 
+/// `Conflict` when another binding of this controller holds the same ARN (see
+/// [`claim::winner`]); read from the cache, no cloud call.
+fn conflict(b: &TargetGroupBinding, ctx: &Context) -> Option<Outcome> {
+    let store = ctx.bindings.store.get()?;
+    let me = binding_key(b);
+    let claim_of = |o: &TargetGroupBinding| claim::Claim {
+        key: binding_key(o),
+        created: o
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        holds_targets: o
+            .status
+            .as_ref()
+            .and_then(|s| s.targets.as_ref())
+            .is_some_and(|t| !t.is_empty()),
+    };
+    let mut claims: Vec<claim::Claim> = store
+        .state()
+        .iter()
+        .filter(|o| o.spec.target_group_arn == b.spec.target_group_arn && binding_key(o) != me)
+        .map(|o| claim_of(o))
+        .collect();
+    if claims.is_empty() {
+        return None;
+    }
+    claims.push(claim_of(b));
+    let winner = claim::winner(&claims)?;
+    (winner.key != me).then(|| {
+        failure(
+            "Conflict",
+            format!(
+                "target group {} is already bound by TargetGroupBinding {} (one binding per target group); this binding registers and deregisters nothing while that one exists",
+                b.spec.target_group_arn, winner.key
+            ),
+        )
+    })
+}
+
+/// A few of the eligible nodes' instances, for learning the cluster's VPC.
+fn node_instances(ctx: &Context) -> Vec<String> {
+    crate::model::eligible_nodes(&ctx.nodes.state(), &ctx.cluster.node_selector, true)
+        .into_iter()
+        .take(5)
+        .map(|n| n.instance_id)
+        .collect()
+}
+
+fn binding_key(b: &TargetGroupBinding) -> String {
+    format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any())
+}
+
 fn failure(reason: &str, message: String) -> Outcome {
     Outcome {
         ready: false,
         reason: reason.into(),
         message,
         registered: None,
+        owned: None,
     }
 }
 
+/// How soon a binding in conflict looks again (from the cache only: no cloud call).
+const CONFLICT_RECHECK: Duration = Duration::from_secs(5);
+
 async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingError> {
     let arn = &b.spec.target_group_arn;
+    if let Some(o) = conflict(b, ctx) {
+        report(b, ctx, &o).await?;
+        return Ok(Action::requeue(CONFLICT_RECHECK));
+    }
     let desired = match desire(b, ctx) {
         Ok(d) => d,
         Err(problem) => {
@@ -228,66 +306,21 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
         }
     }
 
-    let tg = match ctx.cloud.target_group(arn).await {
-        Ok(Some(tg)) => tg,
-        Ok(None) => {
-            let o = failure(
-                "TargetGroupNotFound",
-                format!("target group {arn} does not exist"),
-            );
-            report(b, ctx, &o).await?;
+    let tg = match usable_group(b, ctx).await? {
+        Ok(tg) => tg,
+        Err(refusal) => {
+            report(b, ctx, &refusal).await?;
             return Ok(Action::requeue(ctx.resync));
         }
-        Err(e) => return Err(sync_failed(b, ctx, e).await),
     };
-    if let Some(o) = unusable(b, &tg) {
-        report(b, ctx, &o).await?;
-        return Ok(Action::requeue(ctx.resync));
-    }
     let active = match ctx.cloud.active_targets(arn).await {
         Ok(Some(a)) => a,
         Ok(None) => BTreeSet::new(),
         Err(e) => return Err(sync_failed(b, ctx, e).await),
     };
-    let changes = TargetChanges::between(&desired, &active);
-    if !changes.register.is_empty() {
-        if let Err(e) = ctx.cloud.register_targets(arn, &changes.register).await {
-            return Err(sync_failed(b, ctx, e).await);
-        }
-        let text = targets::targets_text(&changes.register, 10);
-        info!(targets = %text, "registered targets");
-        event(
-            ctx,
-            b,
-            EventType::Normal,
-            "RegisteredTargets",
-            &format!(
-                "Registered {} target(s) in {}: {text}",
-                changes.register.len(),
-                tg.name
-            ),
-        )
-        .await;
-    }
-    if !changes.deregister.is_empty() {
-        if let Err(e) = ctx.cloud.deregister_targets(arn, &changes.deregister).await {
-            return Err(sync_failed(b, ctx, e).await);
-        }
-        let text = targets::targets_text(&changes.deregister, 10);
-        info!(targets = %text, "deregistered targets");
-        event(
-            ctx,
-            b,
-            EventType::Normal,
-            "DeregisteredTargets",
-            &format!(
-                "Deregistered {} target(s) from {}: {text}",
-                changes.deregister.len(),
-                tg.name
-            ),
-        )
-        .await;
-    }
+    let owned = status::owned_targets(b.status.as_ref(), || desired.clone());
+    let ledger = claim::Ledger::between(&desired, &active, &owned);
+    write_targets(b, ctx, &tg, &owned, &ledger).await?;
     let count = i32::try_from(desired.len()).unwrap_or(i32::MAX);
     let outcome = Outcome {
         ready: true,
@@ -297,6 +330,7 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
             b.spec.service_ref.name, tg.name
         ),
         registered: Some(count),
+        owned: Some(ledger.owned_after),
     };
     report(b, ctx, &outcome).await?;
     ctx.bindings
@@ -305,31 +339,120 @@ async fn apply(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingE
     Ok(Action::requeue(ctx.resync))
 }
 
-/// Deregisters what the binding registered, so the finalizer can go. Once a binding has synced,
-/// the group's targets are exactly the ones it keeps there, so all of them go; a binding that
-/// never synced only takes back the targets it would have registered (a first sync may have
-/// registered them before a crash). A group that is gone, or that belongs to cloudlb's own
-/// load balancers, is left alone.
+/// The bound group, if this binding may use it: it exists, carries a tag for this cluster,
+/// takes the binding's target type and is in the cluster's VPC. `Ok(Err(outcome))`: refused,
+/// nothing written.
+async fn usable_group(
+    b: &TargetGroupBinding,
+    ctx: &Context,
+) -> Result<Result<BoundTargetGroup, Outcome>, BindingError> {
+    let arn = &b.spec.target_group_arn;
+    let tg = match ctx.cloud.target_group(arn).await {
+        Ok(Some(tg)) => tg,
+        Ok(None) => {
+            return Ok(Err(failure(
+                "TargetGroupNotFound",
+                format!("target group {arn} does not exist"),
+            )));
+        }
+        Err(e) => return Err(sync_failed(b, ctx, e).await),
+    };
+    if let Some(o) = unusable(b, &tg, &ctx.cluster.cluster_name) {
+        return Ok(Err(o));
+    }
+    match ctx.cloud.cluster_vpc(&node_instances(ctx)).await {
+        Ok(vpc) if vpc == tg.vpc_id => Ok(Ok(tg)),
+        Ok(vpc) => Ok(Err(failure(
+            "OutsideClusterVpc",
+            format!(
+                "target group {} is in VPC {}, not the cluster's VPC {vpc}; nothing was changed",
+                tg.name, tg.vpc_id
+            ),
+        ))),
+        Err(CloudError::Refused { reason, message }) => Ok(Err(failure(reason, message))),
+        Err(e) => Err(sync_failed(b, ctx, e).await),
+    }
+}
+
+/// Registers what the ledger adds (remembering it first) and deregisters what it takes out.
+async fn write_targets(
+    b: &TargetGroupBinding,
+    ctx: &Context,
+    tg: &BoundTargetGroup,
+    owned: &BTreeSet<Target>,
+    ledger: &claim::Ledger,
+) -> Result<(), BindingError> {
+    let arn = &b.spec.target_group_arn;
+    if !ledger.register.is_empty() {
+        // Remembered before registering: a crash in between never leaves a target of ours
+        // the binding would not take out again.
+        if ledger.intent != *owned {
+            status::remember_targets(&ctx.client, b, &ledger.intent).await?;
+        }
+        if let Err(e) = ctx.cloud.register_targets(arn, &ledger.register).await {
+            return Err(sync_failed(b, ctx, e).await);
+        }
+        let text = targets::targets_text(&ledger.register, 10);
+        info!(targets = %text, "registered targets");
+        event(
+            ctx,
+            b,
+            EventType::Normal,
+            "RegisteredTargets",
+            &format!(
+                "Registered {} target(s) in {}: {text}",
+                ledger.register.len(),
+                tg.name
+            ),
+        )
+        .await;
+    }
+    if !ledger.deregister.is_empty() {
+        if let Err(e) = ctx.cloud.deregister_targets(arn, &ledger.deregister).await {
+            return Err(sync_failed(b, ctx, e).await);
+        }
+        let text = targets::targets_text(&ledger.deregister, 10);
+        info!(targets = %text, "deregistered targets");
+        event(
+            ctx,
+            b,
+            EventType::Normal,
+            "DeregisteredTargets",
+            &format!(
+                "Deregistered {} target(s) from {}: {text}",
+                ledger.deregister.len(),
+                tg.name
+            ),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Deregisters what the binding registered itself (its status remembers it), so the finalizer
+/// can go; targets others put into the group stay. A binding that never registered anything
+/// (in conflict, refused, never synced) makes no cloud call. A group that is gone, or that no
+/// longer lets this cluster in, is left alone.
 async fn cleanup(b: &TargetGroupBinding, ctx: &Context) -> Result<Action, BindingError> {
     let arn = &b.spec.target_group_arn;
     ctx.bindings.applied.remove(&ObjectRef::from_obj(b));
+    let owned = status::owned_targets(b.status.as_ref(), || desire(b, ctx).unwrap_or_default());
+    if owned.is_empty() {
+        return Ok(Action::await_change());
+    }
     let tg = match ctx.cloud.target_group(arn).await {
         Ok(Some(tg)) => tg,
         Ok(None) => return Ok(Action::await_change()),
         Err(e) => return Err(sync_failed(b, ctx, e).await),
     };
-    if unusable(b, &tg).is_some() {
+    if let Some(o) = unusable(b, &tg, &ctx.cluster.cluster_name) {
+        warn!(reason = %o.reason, "binding deleted; its targets are left in a group it may no longer use");
         return Ok(Action::await_change());
     }
     let Some(active) = ctx.cloud.active_targets(arn).await? else {
         return Ok(Action::await_change());
     };
-    let ours: Vec<Target> = if status::ever_synced(b.status.as_ref()) {
-        active.into_iter().collect()
-    } else {
-        let desired = desire(b, ctx).unwrap_or_default();
-        active.intersection(&desired).cloned().collect()
-    };
+    let ours = claim::release(&active, &owned);
     if !ours.is_empty() {
         if let Err(e) = ctx.cloud.deregister_targets(arn, &ours).await {
             return Err(sync_failed(b, ctx, e).await);

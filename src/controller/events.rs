@@ -34,7 +34,10 @@ where
     let ev = Event {
         type_: note.type_,
         reason: note.reason,
-        note: Some(note.note),
+        note: Some(super::text::truncate_bytes(
+            &note.note,
+            super::text::EVENT_NOTE_BYTES,
+        )),
         action: note.action,
         secondary: None,
     };

@@ -1,7 +1,10 @@
 //! Leader election on a coordination.k8s.io Lease, as client-go does it: acquire when free or
-//! expired, renew every lease/3, and give up (the process exits) when renewal keeps failing
-//! past two thirds of the lease, so two replicas never reconcile at once for long.
+//! expired — judged on this replica's own clock, from when it last saw the record change, never
+//! from the holder's timestamps — renew every lease/3, each renewal bounded by what is left of
+//! the renew deadline (two thirds of the lease), and give up (writes are fenced, the process
+//! exits) once that deadline passes, so a hung renewal cannot leave two leaders.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease as LeaseObject, LeaseSpec};
@@ -18,6 +21,9 @@ pub struct Lease {
     name: String,
     identity: String,
     duration: Duration,
+    /// The lease record as last seen (holder, renew time, resourceVersion) and when, on the
+    /// local monotonic clock.
+    observed: Arc<Mutex<Option<(String, tokio::time::Instant)>>>,
 }
 
 impl Lease {
@@ -33,6 +39,7 @@ impl Lease {
             name: name.into(),
             identity: identity.into(),
             duration,
+            observed: Arc::default(),
         }
     }
 
@@ -61,16 +68,20 @@ impl Lease {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.duration / 3) => {}
             }
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
-                Ok(false) => {
+            // A renewal that hangs must not outlive the deadline.
+            let left = deadline.saturating_sub(last_ok.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
                     tracing::error!("another replica holds the lease");
                     lost.cancel();
                     return;
                 }
-                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                Err(_) => tracing::warn!(timeout = ?left, "lease renewal timed out"),
             }
-            if last_ok.elapsed() > deadline {
+            if last_ok.elapsed() >= deadline {
+                tracing::error!(deadline = ?deadline, "could not renew the lease in time; stepping down");
                 lost.cancel();
                 return;
             }
@@ -88,6 +99,23 @@ impl Lease {
                     .api
                     .replace(&self.name, &PostParams::default(), &lease)
                     .await;
+            }
+        }
+    }
+
+    /// How long the lease record has looked like `record`, on the local clock (zero when it
+    /// just changed): expiry never depends on the holder's clock agreeing with ours.
+    fn unchanged_for(&self, record: String) -> Duration {
+        let now = tokio::time::Instant::now();
+        let mut seen = self
+            .observed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match seen.as_ref() {
+            Some((r, at)) if *r == record => now.duration_since(*at),
+            _ => {
+                *seen = Some((record, now));
+                Duration::ZERO
             }
         }
     }
@@ -121,9 +149,17 @@ impl Lease {
         let spec = lease.spec.get_or_insert_with(Default::default);
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let mine = holder.as_deref() == Some(&self.identity);
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(MicroTime(t)), Some(d)) => now.duration_since(*t).as_secs_f64() > f64::from(d),
-            _ => true,
+        let record = format!(
+            "{:?}/{:?}/{:?}",
+            spec.holder_identity, spec.renew_time, lease.metadata.resource_version
+        );
+        let duration = spec
+            .lease_duration_seconds
+            .and_then(|d| u64::try_from(d).ok())
+            .map(Duration::from_secs);
+        let expired = match duration {
+            Some(d) => self.unchanged_for(record) > d,
+            None => true,
         };
         if !mine && holder.is_some() && !expired {
             return Ok(false);

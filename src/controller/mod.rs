@@ -6,15 +6,18 @@
 //! [`service::reconcile`] per Service key, the other [`binding::reconcile`] per binding key.
 
 pub mod binding;
+pub mod bursts;
 pub mod events;
 pub mod leader;
 pub mod memory;
 pub mod orphans;
 pub mod plan_cmd;
+pub mod policy;
 pub mod service;
 pub mod status;
 #[cfg(test)]
 pub mod testing;
+pub mod text;
 pub mod writes;
 
 use std::collections::HashMap;
@@ -70,6 +73,13 @@ pub struct ClusterArgs {
     /// Kubernetes service controller does since 1.30. Default: NotReady nodes are deregistered.
     #[arg(long, env = "CLOUDLB_KEEP_NOT_READY_NODES")]
     pub keep_not_ready_nodes: bool,
+    /// When more than this percentage of a Service's nodes is NotReady at once, none of them is
+    /// deregistered (a Warning and `cloudlb_not_ready_targets_withheld_total` say so): a
+    /// cluster-wide NotReady blip must not empty every target group. Deleted nodes always go.
+    /// 100 turns the guard off.
+    #[arg(long, env = "CLOUDLB_NOT_READY_GUARD_PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub not_ready_guard_percent: u8,
     /// cloudlb's node proxy serves the NodePorts and its admin server listens on this port:
     /// externalTrafficPolicy Cluster target groups then health-check `HTTP /readyz` there,
     /// which fails as soon as the proxy starts draining (instead of TCP on the traffic port).
@@ -79,13 +89,25 @@ pub struct ClusterArgs {
     /// (the target-node-labels annotation narrows it further per Service).
     #[arg(long, env = "CLOUDLB_NODE_SELECTOR", value_parser = parse_labels, default_value = "")]
     pub node_selector: std::collections::BTreeMap<String, String>,
+    /// What tenants' annotations may ask for (see [`policy`]).
+    #[command(flatten)]
+    pub policy: policy::PolicyArgs,
 }
 
 impl ClusterArgs {
+    /// Who this installation is in the account: cluster and class tags decide ownership.
+    pub fn ownership(&self) -> Ownership {
+        Ownership {
+            cluster: self.cluster_name.clone(),
+            class: self.load_balancer_class.clone(),
+        }
+    }
+
     /// The model's view of these settings.
     pub fn context(&self) -> crate::model::ClusterContext {
         crate::model::ClusterContext {
             cluster_name: self.cluster_name.clone(),
+            load_balancer_class: self.load_balancer_class.clone(),
             node_proxy_health_port: self.node_proxy_health_port,
         }
     }
@@ -148,7 +170,7 @@ pub struct ControllerArgs {
         default_value = ""
     )]
     pub target_group_binding_selector: std::collections::BTreeMap<String, String>,
-    /// Delete resources tagged for this cluster whose Service no longer exists.
+    /// Delete resources tagged for this cluster and class whose Service no longer exists.
     #[arg(long, env = "CLOUDLB_ORPHAN_SWEEP")]
     pub orphan_sweep: bool,
     /// How often the orphan sweep lists the account.
@@ -295,11 +317,9 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         None
     };
 
-    let cloud = AwsCloud::from_env(
+    let mut cloud = AwsCloud::from_env(
         args.cluster.region.as_deref(),
-        Ownership {
-            cluster: args.cluster.cluster_name.clone(),
-        },
+        args.cluster.ownership(),
         metrics.clone(),
         RateLimits {
             qps: args.aws_qps,
@@ -308,7 +328,12 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             targets_burst: args.aws_targets_burst,
         },
     )
-    .await;
+    .await
+    .with_vpc(args.cluster.policy.vpc_id.clone());
+    if let Some((_, lost)) = &lease {
+        // A replica that lost the lease writes nothing more, even from reconciles in flight.
+        cloud = cloud.fenced_by(lost.clone());
+    }
 
     let (nodes, node_writer) = reflector::store::<Node>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
@@ -367,6 +392,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let node_stream = reflector::reflector(
         node_writer,
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .modify(trim_node)
             .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_nodes))
@@ -398,6 +424,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
         )
+        .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
         .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_slices))
@@ -414,6 +441,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
         )
+        .modify(|s: &mut Service| s.managed_fields_mut().clear())
         .backoff(watch_backoff()),
     )
     .inspect(mark_synced(services_synced.clone()))
@@ -434,12 +462,10 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     })
     .applied_objects();
 
+    // No debounce: a Service's own change is reconciled at once. Node and EndpointSlice
+    // changes come in bursts and are coalesced below.
     let controller = Controller::for_stream(service_stream, services.clone())
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(args.concurrency)
-                .debounce(Duration::from_millis(200)),
-        )
+        .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .trigger_backoff(watch_backoff());
     let service_store = controller.store();
     let svc_store_for_nodes = service_store.clone();
@@ -515,6 +541,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
 
     let bindings = binding_controller(
         client.clone(),
+        &ctx,
         &args,
         BindingTriggers {
             services: svc_rx,
@@ -531,25 +558,44 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         }
     });
 
-    let services = controller
-        .watches_stream(node_stream, move |node: Node| {
-            // A relevant node change may move targets of every instance-target Service we serve.
-            let _ = node;
-            svc_store_for_nodes
-                .state()
+    // A burst of relevant node changes wakes every instance-target Service we serve once.
+    let node_wakes = bursts::bursts(
+        node_stream.map(|_| ()).boxed(),
+        bursts::QUIET,
+        bursts::LONGEST,
+    )
+    .flat_map(move |_| {
+        let ours: Vec<ObjectRef<Service>> = svc_store_for_nodes
+            .state()
+            .into_iter()
+            .filter(|s| service::is_ours(s, &cluster_for_nodes))
+            .map(|s| ObjectRef::from_obj(&*s))
+            .collect();
+        futures::stream::iter(ours)
+    });
+    // Endpoint changes matter only to ip-target Services; a burst wakes each once.
+    let slice_wakes = bursts::bursts(slice_stream.boxed(), bursts::QUIET, bursts::LONGEST)
+        .flat_map(move |batch| {
+            let keys: std::collections::BTreeSet<(String, String)> = batch
                 .into_iter()
-                .filter(|s| service::is_ours(s, &cluster_for_nodes))
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
-        })
-        .watches_stream(slice_stream, move |slice: EndpointSlice| {
-            // Endpoint changes matter only to ip-target Services.
-            let ns = slice.namespace().unwrap_or_default();
-            let name = slice.labels().get(SERVICE_NAME_LABEL).cloned();
-            name.and_then(|n| svc_store_for_slices.get(&ObjectRef::new(&n).within(&ns)))
+                .filter_map(Result::ok)
+                .filter_map(|slice| {
+                    let ns = slice.namespace().unwrap_or_default();
+                    let name = slice.labels().get(SERVICE_NAME_LABEL).cloned()?;
+                    Some((ns, name))
+                })
+                .collect();
+            let wake: Vec<ObjectRef<Service>> = keys
+                .into_iter()
+                .filter_map(|(ns, n)| svc_store_for_slices.get(&ObjectRef::new(&n).within(&ns)))
                 .filter(|s| service::is_ours(s, &cluster_for_slices) && service::uses_ip_targets(s))
                 .map(|s| ObjectRef::from_obj(&*s))
-        })
+                .collect();
+            futures::stream::iter(wake)
+        });
+    let services = controller
+        .reconcile_on(node_wakes)
+        .reconcile_on(slice_wakes)
         .reconcile_all_on(lead_rx)
         .graceful_shutdown_on(stop())
         .run(service::reconcile, service::error_policy, ctx.clone())
@@ -588,6 +634,7 @@ struct BindingTriggers {
 /// by node changes (instance targets) and by its Service's EndpointSlices (ip targets).
 fn binding_controller(
     client: Client,
+    ctx: &Context,
     args: &ControllerArgs,
     triggers: BindingTriggers,
 ) -> Controller<TargetGroupBinding> {
@@ -601,6 +648,7 @@ fn binding_controller(
             .debounce(Duration::from_millis(200)),
     );
     let store = controller.store();
+    let _ = ctx.bindings.store.set(store.clone());
     let (for_services, for_nodes, for_slices) = (store.clone(), store.clone(), store);
     controller
         .watches_stream(triggers.services.map(Ok), move |svc: Service| {
@@ -685,6 +733,16 @@ fn watch_backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
 }
 
 /// The part of a Node that decides whether (and where) it receives traffic.
+/// Drops what the controller never reads from a cached Node: managedFields and the image
+/// list (often the largest part of a real node's status), so a large cluster's cache stays
+/// small.
+fn trim_node(n: &mut Node) {
+    n.managed_fields_mut().clear();
+    if let Some(status) = n.status.as_mut() {
+        status.images = None;
+    }
+}
+
 fn node_relevance(n: &Node) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -3,7 +3,10 @@
 //! exists (its finalizer was removed by hand, it was force-deleted, it stopped being ours), and
 //! what a live Service left behind where its reconcile no longer looks (a target group created
 //! by a plan that a crash cut short before the Service changed; a load balancer under an old
-//! name). Resources of other clusters or without our tag are never touched.
+//! name). Resources of other clusters or without our tag are never touched, nor those of another
+//! load balancer class (another installation with the same cluster name), nor those without a
+//! class tag (made before cloudlb tagged classes: whose they are cannot be told; a live Service's
+//! sync adopts its own by adding the tag).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -49,13 +52,22 @@ impl OrphanReason {
     }
 }
 
-/// PURE: which of `inventory` (already only our cluster's) are orphans, given the live
-/// Services (`namespace/name` → what their reconcile reaches). Load balancers come first in
-/// the result: a target group cannot go while a listener uses it.
+/// Whether the sweep of class `class` may judge `r` at all: only what carries exactly its class.
+pub fn judged_by(r: &TaggedResource, class: &str) -> bool {
+    r.tags.get(tags::CLASS).map(String::as_str) == Some(class)
+}
+
+/// PURE: which of `inventory` (already only our cluster's) are orphans for the sweep of class
+/// `class`, given its live Services (`namespace/name` → what their reconcile reaches). Only
+/// resources tagged with `class` are judged. Load balancers come first in the result: a target
+/// group cannot go while a listener uses it.
 pub fn orphans<'a>(
     inventory: &'a [TaggedResource],
     live: &BTreeMap<String, Reach>,
+    class: &str,
 ) -> Vec<(&'a TaggedResource, OrphanReason)> {
+    let inventory: Vec<&TaggedResource> =
+        inventory.iter().filter(|r| judged_by(r, class)).collect();
     let mut reachable_lbs: BTreeSet<&str> = BTreeSet::new();
     for r in inventory.iter().filter(|r| r.is_load_balancer()) {
         let service = r.tags.get(tags::SERVICE).map(String::as_str).unwrap_or("");
@@ -70,7 +82,7 @@ pub fn orphans<'a>(
         }
     }
     let mut out: Vec<(&TaggedResource, OrphanReason)> = inventory
-        .iter()
+        .into_iter()
         .filter_map(|r| {
             // Only what we made carries the Service tag; anything else is left alone.
             let service = r.tags.get(tags::SERVICE)?;
@@ -177,7 +189,14 @@ pub async fn sweep_once(
     // Read the Services after the cloud: a resource created meanwhile belongs to a Service
     // that is already in the store.
     let live = live_services(ctx, services).await;
-    let found = orphans(&inventory, &live);
+    let class = &ctx.cluster.load_balancer_class;
+    for r in inventory
+        .iter()
+        .filter(|r| !r.tags.contains_key(tags::CLASS))
+    {
+        tracing::debug!(arn = %r.arn, name = %r.name, "no class tag: never judged by the sweep");
+    }
+    let found = orphans(&inventory, &live, class);
     let mut deleted = 0;
     let mut still_orphaned = BTreeSet::new();
     for (r, reason) in found {
@@ -210,9 +229,12 @@ pub async fn sweep_once(
 mod tests {
     use super::*;
 
+    const CLASS: &str = "example.com/a";
+
     fn res(kind: &str, name: &str, service: Option<&str>, attached: &[&str]) -> TaggedResource {
         let mut t = BTreeMap::new();
         t.insert(tags::CLUSTER.to_string(), "c".to_string());
+        t.insert(tags::CLASS.to_string(), CLASS.to_string());
         if let Some(s) = service {
             t.insert(tags::SERVICE.to_string(), s.to_string());
         }
@@ -250,7 +272,7 @@ mod tests {
             res("loadbalancer", "lb-b", Some("ns/b"), &[]),
         ];
         let live: BTreeMap<String, Reach> = [("ns/a".to_string(), names(&["lb-a"], &[]))].into();
-        let got: Vec<(&str, OrphanReason)> = orphans(&inventory, &live)
+        let got: Vec<(&str, OrphanReason)> = orphans(&inventory, &live, CLASS)
             .into_iter()
             .map(|(r, why)| (r.arn.as_str(), why))
             .collect();
@@ -291,7 +313,7 @@ mod tests {
             ("ns/bad".to_string(), Reach::Unknown),
         ]
         .into();
-        let got: Vec<(&str, OrphanReason)> = orphans(&inventory, &live)
+        let got: Vec<(&str, OrphanReason)> = orphans(&inventory, &live, CLASS)
             .into_iter()
             .map(|(r, why)| (r.name.as_str(), why))
             .collect();
@@ -315,6 +337,33 @@ mod tests {
             res("targetgroup", "tg", Some("ns/s"), &[&lb]),
         ];
         let live: BTreeMap<String, Reach> = [("ns/s".to_string(), names(&["lb"], &["tg"]))].into();
-        assert!(orphans(&inventory, &live).is_empty());
+        assert!(orphans(&inventory, &live, CLASS).is_empty());
+    }
+
+    #[test]
+    fn only_resources_of_the_sweeps_own_class_are_judged() {
+        let with_class = |name: &str, class: Option<&str>| {
+            let mut r = res("loadbalancer", name, Some("ns/gone"), &[]);
+            match class {
+                Some(c) => r.tags.insert(tags::CLASS.into(), c.into()),
+                None => r.tags.remove(tags::CLASS),
+            };
+            r
+        };
+        let inventory = vec![
+            with_class("ours", Some(CLASS)),
+            // another installation's (same cluster name, class B): its live Service is not in
+            // our store, but that is not ours to judge
+            with_class("theirs", Some("example.com/b")),
+            // made before class tags: whose it is cannot be told, so it stays
+            with_class("legacy", None),
+            // a class that differs only in case is another class
+            with_class("shouty", Some("EXAMPLE.com/a")),
+        ];
+        let got: Vec<&str> = orphans(&inventory, &BTreeMap::new(), CLASS)
+            .into_iter()
+            .map(|(r, _)| r.name.as_str())
+            .collect();
+        assert_eq!(got, vec!["ours"]);
     }
 }

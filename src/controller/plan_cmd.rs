@@ -15,7 +15,7 @@ use kube::{Client, ResourceExt};
 
 use super::service::{self, DryRun, View};
 use super::{ClusterArgs, finalizer_for};
-use crate::cloud::aws::{AwsCloud, Ownership, RateLimits};
+use crate::cloud::aws::{AwsCloud, RateLimits};
 use crate::metrics::ControllerMetrics;
 
 /// Command-line settings of `cloudlb plan`.
@@ -33,13 +33,12 @@ pub async fn run(args: PlanArgs) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let cloud = AwsCloud::from_env(
         args.cluster.region.as_deref(),
-        Ownership {
-            cluster: args.cluster.cluster_name.clone(),
-        },
+        args.cluster.ownership(),
         ControllerMetrics::new(),
         RateLimits::default(),
     )
-    .await;
+    .await
+    .with_vpc(args.cluster.policy.vpc_id.clone());
     let services: Api<Service> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -71,6 +70,7 @@ pub async fn run(args: PlanArgs) -> anyhow::Result<()> {
             slices: &slices,
             pending_target_groups: BTreeSet::new(),
             applied: None,
+            name_holder: None,
             resync: Duration::ZERO,
             now: Instant::now(),
         };

@@ -132,7 +132,7 @@ pub async fn update(
         type_: CONDITION.into(),
         status: want_status.into(),
         reason: reason.into(),
-        message: message.chars().take(32_000).collect(),
+        message: super::text::truncate_bytes(message, super::text::CONDITION_MESSAGE_BYTES),
         last_transition_time: transition,
         observed_generation: svc.metadata.generation,
     });

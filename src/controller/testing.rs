@@ -134,20 +134,26 @@ pub struct World {
     pub writes: Arc<FakeWrites>,
     pub journal: Journal,
     nodes: Writer<Node>,
+    services: Writer<Service>,
 }
 
 impl World {
     /// A synced, leading context with `nodes` ready nodes (`i-0`, `i-1`, …).
     pub fn new(nodes: usize) -> World {
-        World::build(nodes, true)
+        World::build(nodes, true, cluster())
+    }
+
+    /// Like [`World::new`], with these controller settings.
+    pub fn with_cluster(nodes: usize, cluster: ClusterArgs) -> World {
+        World::build(nodes, true, cluster)
     }
 
     /// Like [`World::new`], but a standby replica (it does not hold the lease).
     pub fn standby(nodes: usize) -> World {
-        World::build(nodes, false)
+        World::build(nodes, false, cluster())
     }
 
-    fn build(nodes: usize, leading: bool) -> World {
+    fn build(nodes: usize, leading: bool, cluster: ClusterArgs) -> World {
         let journal = Journal::default();
         let cloud = Arc::new(FakeCloud::new(journal.clone()));
         let writes = Arc::new(FakeWrites {
@@ -158,7 +164,7 @@ impl World {
         let client = kube::Client::try_from(config).expect("client");
         let (node_store, node_writer) = reflector::store::<Node>();
         let (slices, _) = reflector::store();
-        let (services, _) = reflector::store();
+        let (services, service_writer) = reflector::store();
         let synced = CancellationToken::new();
         synced.cancel();
         let ctx = Context {
@@ -175,7 +181,7 @@ impl World {
                 },
             ),
             metrics: ControllerMetrics::new(),
-            cluster: cluster(),
+            cluster,
             nodes: node_store,
             slices,
             services,
@@ -194,6 +200,7 @@ impl World {
             writes,
             journal,
             nodes: node_writer,
+            services: service_writer,
         };
         for i in 0..nodes {
             w.add_node(&format!("n{i}"), &format!("i-{i}"));
@@ -201,15 +208,33 @@ impl World {
         w
     }
 
+    /// Puts `svc` into the Service cache.
+    pub fn add_service(&mut self, svc: &Service) {
+        self.services
+            .apply_watcher_event(&watcher::Event::Apply(svc.clone()));
+    }
+
     /// Adds a Ready node backed by EC2 instance `instance`.
     pub fn add_node(&mut self, name: &str, instance: &str) {
+        self.set_node(name, instance, true);
+    }
+
+    /// Adds or replaces a node backed by EC2 instance `instance`, Ready or not.
+    pub fn set_node(&mut self, name: &str, instance: &str, ready: bool) {
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": name},
             "spec": {"providerID": format!("aws:///us-east-1a/{instance}")},
-            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
         }))
         .expect("node");
         self.nodes.apply_watcher_event(&watcher::Event::Apply(node));
+    }
+
+    /// Removes a node from the cache.
+    pub fn remove_node(&mut self, name: &str) {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).expect("node");
+        self.nodes
+            .apply_watcher_event(&watcher::Event::Delete(node));
     }
 }
 
@@ -222,12 +247,14 @@ fn synced_token() -> CancellationToken {
 /// The controller settings of the tests: cluster `c`, the default class.
 pub fn cluster() -> ClusterArgs {
     ClusterArgs {
+        policy: Default::default(),
         cluster_name: "c".into(),
         load_balancer_class: super::DEFAULT_CLASS.into(),
         default_class: false,
         default_class_all: false,
         region: None,
         keep_not_ready_nodes: false,
+        not_ready_guard_percent: 50,
         node_proxy_health_port: None,
         node_selector: BTreeMap::new(),
     }

@@ -20,6 +20,7 @@ fn svc(spec: serde_json::Value) -> Service {
 fn cluster() -> ClusterContext {
     ClusterContext {
         cluster_name: "prod".into(),
+        load_balancer_class: "cloudlb.io/nlb".into(),
         node_proxy_health_port: None,
     }
 }

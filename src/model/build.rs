@@ -340,7 +340,7 @@ fn managed_security_group(
     })
 }
 
-/// Tags every resource of the Service carries: the user's plus cluster, Service and UID.
+/// Tags every resource of the Service carries: the user's plus cluster, class, Service and UID.
 fn base_tags(
     opts: &LoadBalancerOptions,
     cluster: &ClusterContext,
@@ -349,6 +349,7 @@ fn base_tags(
 ) -> Tags {
     let mut t = opts.additional_tags.clone();
     t.insert(tags::CLUSTER.into(), cluster.cluster_name.clone());
+    t.insert(tags::CLASS.into(), cluster.load_balancer_class.clone());
     t.insert(
         tags::SERVICE.into(),
         format!("{}/{}", id.namespace, id.name),
@@ -435,5 +436,10 @@ pub fn desired_load_balancer(
         tags: lb_tags,
         listeners,
         target_groups,
+        node_instances: nodes
+            .iter()
+            .take(5)
+            .map(|n| n.instance_id.clone())
+            .collect(),
     })
 }

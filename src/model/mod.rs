@@ -18,10 +18,10 @@ pub mod vocabulary;
 
 pub use build::desired_load_balancer;
 pub use health::{HealthCheckOverrides, HealthCheckSpec};
-pub use names::load_balancer_name;
+pub use names::{load_balancer_name, name_prefix};
 pub use nodes::{
-    SERVICE_NAME_LABEL, eligible_nodes, endpoint_targets, instance_id_from_provider_id, node_ready,
-    slices_of_service,
+    SERVICE_NAME_LABEL, Withheld, eligible_nodes, endpoint_targets, guarded_eligible_nodes,
+    instance_id_from_provider_id, node_ready, slices_of_service,
 };
 pub use vocabulary::{
     Attributes, HealthCheckPort, HealthCheckProtocol, IpAddressType, PortRef, Protocol, Scheme,
@@ -40,6 +40,13 @@ pub mod tags {
     pub const PORT: &str = "cloudlb.io/port";
     /// `loadbalancer`, `targetgroup` or `listener`.
     pub const RESOURCE: &str = "cloudlb.io/resource";
+    /// The `--load-balancer-class` of the installation that made the resource: two
+    /// installations with one cluster name (different classes) never judge each other's.
+    pub const CLASS: &str = "cloudlb.io/load-balancer-class";
+    /// `cloudlb.io/allow-binding/<cluster>=true` on a target group made outside cloudlb lets
+    /// that cluster's TargetGroupBindings register into it (one tag per cluster; see
+    /// `controller::binding::claim`).
+    pub const ALLOW_BINDING_PREFIX: &str = "cloudlb.io/allow-binding/";
 }
 
 /// One registered target: an instance id or an IP, at a port.
@@ -110,6 +117,9 @@ pub struct DesiredLoadBalancer {
     pub tags: BTreeMap<String, String>,
     pub listeners: Vec<ListenerSpec>,
     pub target_groups: Vec<TargetGroupSpec>,
+    /// A few of the eligible nodes' EC2 instances, from which the cloud edge learns the
+    /// cluster's VPC when `--vpc-id` is not given.
+    pub node_instances: Vec<String>,
 }
 
 /// A node that may receive traffic, with the EC2 instance behind it.
@@ -152,6 +162,8 @@ pub enum ModelError {
 #[derive(Clone, Debug)]
 pub struct ClusterContext {
     pub cluster_name: String,
+    /// The load balancer class served; tagged on every resource ([`tags::CLASS`]).
+    pub load_balancer_class: String,
     /// When cloudlb's node proxy serves the NodePorts: its admin port, whose `/readyz` turns
     /// 503 as soon as the proxy starts shutting down. externalTrafficPolicy Cluster target
     /// groups then health-check it (HTTP) instead of the traffic port, so a node leaves the
@@ -194,6 +206,7 @@ mod tests {
     fn cluster() -> ClusterContext {
         ClusterContext {
             cluster_name: "prod".into(),
+            load_balancer_class: "cloudlb.io/nlb".into(),
             node_proxy_health_port: None,
         }
     }
@@ -244,6 +257,16 @@ mod tests {
         assert_eq!(m.tags[tags::CLUSTER], "prod");
         assert_eq!(m.tags[tags::SERVICE], "shop/web");
         assert_eq!(m.tags[tags::SERVICE_UID], "uid-1");
+        assert_eq!(m.tags[tags::CLASS], "cloudlb.io/nlb");
+        assert!(
+            m.target_groups
+                .iter()
+                .all(|t| t.tags[tags::CLASS] == "cloudlb.io/nlb")
+        );
+        assert_eq!(
+            m.managed_security_group.as_ref().unwrap().tags[tags::CLASS],
+            "cloudlb.io/nlb"
+        );
         assert_eq!(tcp.tags[tags::PORT], "tcp-80");
         let l = m.listeners.iter().find(|l| l.port == 53).unwrap();
         assert_eq!(
@@ -293,11 +316,21 @@ mod tests {
             moved.target_groups[0].name, a.target_groups[0].name,
             "a new nodePort is a new target group"
         );
+        assert!(
+            a.target_groups[0]
+                .name
+                .starts_with(&name_prefix("shop", "web"))
+        );
+        assert_eq!(name_prefix("shop", "web"), "k8s-shop-web-");
         let long = load_balancer_name(
             "c",
             "a-very-long-namespace-name",
             "an-even-longer-service-name",
         );
+        assert!(long.starts_with(&name_prefix(
+            "a-very-long-namespace-name",
+            "an-even-longer-service-name"
+        )));
         assert!(long.len() <= 32, "{long}");
         assert!(!long.contains("--"), "{long}");
         let named = model(
@@ -376,6 +409,7 @@ mod tests {
     fn node_proxy_readyz_is_the_cluster_policy_health_check_when_configured() {
         let with_proxy = ClusterContext {
             cluster_name: "prod".into(),
+            load_balancer_class: "cloudlb.io/nlb".into(),
             node_proxy_health_port: Some(10266),
         };
         let opts = annotations::parse(&BTreeMap::new()).unwrap();

@@ -29,6 +29,12 @@ pub(super) fn aws_name(namespace: &str, name: &str, hash: &str) -> String {
     format!("k8s-{}-{}-{}", part(namespace), part(name), hash)
 }
 
+/// The readable start of every name [`aws_name`] gives a Service's resources.
+pub fn name_prefix(namespace: &str, name: &str) -> String {
+    let full = aws_name(namespace, name, "");
+    full.trim_end_matches('-').to_string() + "-"
+}
+
 /// The load balancer name a Service gets when the name annotation does not set one.
 pub fn load_balancer_name(cluster: &str, namespace: &str, name: &str) -> String {
     aws_name(

@@ -165,6 +165,26 @@ impl PrivateApiserver {
         self.restarts += 1;
     }
 
+    /// Freezes the apiserver process (SIGSTOP to its PID): connections stay open, nothing
+    /// answers — a hung apiserver as a client sees it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused apiserver run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.apiserver.as_ref().expect("apiserver running").0.id();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     pub async fn client(&self) -> kube::Client {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
         let config =

@@ -253,6 +253,112 @@ impl TestCloud {
             .collect()
     }
 
+    /// Everything AWS says about a target group, for byte-for-byte before/after comparisons:
+    /// the group (health check, port, load balancers), its attributes, tags and target health.
+    pub async fn snapshot_target_group(&self, arn: &str) -> String {
+        let tg = self.target_group(arn).await;
+        let attributes = self
+            .elb
+            .describe_target_group_attributes()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .expect("target group attributes");
+        let tags = self
+            .elb
+            .describe_tags()
+            .resource_arns(arn)
+            .send()
+            .await
+            .expect("tags");
+        let health = self
+            .elb
+            .describe_target_health()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .expect("target health");
+        let mut attrs: Vec<String> = attributes
+            .attributes()
+            .iter()
+            .map(|a| format!("{:?}={:?}", a.key(), a.value()))
+            .collect();
+        attrs.sort();
+        let mut tag_list: Vec<String> = tags
+            .tag_descriptions()
+            .iter()
+            .flat_map(|d| {
+                d.tags()
+                    .iter()
+                    .map(|t| format!("{:?}={:?}", t.key(), t.value()))
+            })
+            .collect();
+        tag_list.sort();
+        let mut targets: Vec<String> = health
+            .target_health_descriptions()
+            .iter()
+            .map(|d| format!("{d:?}"))
+            .collect();
+        targets.sort();
+        format!("group: {tg:?}\nattributes: {attrs:?}\ntags: {tag_list:?}\ntargets: {targets:?}")
+    }
+
+    /// A full describe of a security group (rules, tags, VPC), for before/after comparisons.
+    pub async fn snapshot_security_group(&self, id: &str) -> String {
+        let out = self
+            .ec2
+            .describe_security_groups()
+            .group_ids(id)
+            .send()
+            .await
+            .expect("describe security group");
+        format!("{:?}", out.security_groups())
+    }
+
+    /// A full describe of a subnet (tags, VPC, zone), for before/after comparisons.
+    pub async fn snapshot_subnet(&self, id: &str) -> String {
+        let out = self
+            .ec2
+            .describe_subnets()
+            .subnet_ids(id)
+            .send()
+            .await
+            .expect("describe subnet");
+        format!("{:?}", out.subnets())
+    }
+
+    /// A full describe of a load balancer: itself, attributes, tags and listeners.
+    pub async fn snapshot_load_balancer(&self, arn: &str) -> String {
+        let lb = self
+            .elb
+            .describe_load_balancers()
+            .load_balancer_arns(arn)
+            .send()
+            .await
+            .expect("describe load balancer");
+        let attributes = self
+            .elb
+            .describe_load_balancer_attributes()
+            .load_balancer_arn(arn)
+            .send()
+            .await
+            .expect("attributes");
+        let tags = self
+            .elb
+            .describe_tags()
+            .resource_arns(arn)
+            .send()
+            .await
+            .expect("tags");
+        format!(
+            "{:?}\n{:?}\n{:?}\n{:?}",
+            lb.load_balancers(),
+            attributes.attributes(),
+            tags.tag_descriptions(),
+            self.listeners(arn).await
+        )
+    }
+
     /// Security groups tagged with this test's cluster: (id, ingress as (protocol, port, cidr)),
     /// IPv4 (`IpRanges`) and IPv6 (`Ipv6Ranges`) CIDRs alike.
     pub async fn security_groups(&self) -> Vec<(String, BTreeSet<(String, i32, String)>)> {
@@ -332,19 +438,33 @@ impl ControllerProc {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> ControllerProc {
+        Self::start_class(rig, cloud, &cloud.class, extra, env)
+    }
+
+    /// A controller of `cloud`'s cluster serving another load balancer class (a second
+    /// installation with the same cluster name).
+    pub fn start_class(
+        rig: &Rig,
+        cloud: &TestCloud,
+        class: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ControllerProc {
         let metrics_port = free_port();
         let mut args: Vec<String> = [
             "controller",
             "--cluster-name",
             &cloud.cluster,
             "--load-balancer-class",
-            &cloud.class,
+            class,
             "--node-selector",
             &format!("cloudlb.io/test-cluster={}", cloud.cluster),
             "--target-group-binding-selector",
             &format!("cloudlb.io/test-cluster={}", cloud.cluster),
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
+            "--vpc-id",
+            &cloud.vpc_id,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -385,6 +505,20 @@ impl ControllerProc {
         http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics")
             .map(|(_, b)| b)
             .unwrap_or_default()
+    }
+
+    /// The value of an unlabelled metric (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .sum()
     }
 
     /// Sum of `cloudlb_aws_api_calls_total` over operations matching `pred`.

@@ -483,3 +483,77 @@ pub fn event_reasons(rig: &Rig, ns: &str, name: &str, kind: Option<&str>) -> Vec
     .map(str::to_string)
     .collect()
 }
+
+/// (type, reason, note) of the Events recorded for object `name` in `ns` (of `kind` only, when
+/// given), oldest first.
+pub fn events(
+    rig: &Rig,
+    ns: &str,
+    name: &str,
+    kind: Option<&str>,
+) -> Vec<(String, String, String)> {
+    let selector = match kind {
+        Some(k) => format!("regarding.name={name},regarding.kind={k}"),
+        None => format!("regarding.name={name}"),
+    };
+    rig.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        ns,
+        "--field-selector",
+        &selector,
+        "--sort-by=.metadata.creationTimestamp",
+        "-o",
+        "jsonpath={range .items[*]}{.type}{\"\\t\"}{.reason}{\"\\t\"}{.note}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .filter_map(|l| {
+        let mut parts = l.splitn(3, '\t');
+        Some((
+            parts.next()?.to_string(),
+            parts.next()?.to_string(),
+            parts.next()?.to_string(),
+        ))
+    })
+    .collect()
+}
+
+/// A client acting as a namespace's tenant: a ServiceAccount `tenant` in `ns` whose Role lets
+/// it manage Services and TargetGroupBindings there, and nothing else.
+pub async fn tenant_client(rig: &'static Rig, ns: &str) -> kube::Client {
+    let manifest = serde_json::json!({
+        "apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tenant", "namespace": ns}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": "tenant", "namespace": ns},
+             "rules": [
+                {"apiGroups": [""], "resources": ["services"], "verbs": ["*"]},
+                {"apiGroups": ["cloudlb.io"], "resources": ["targetgroupbindings"], "verbs": ["*"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": "tenant", "namespace": ns},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tenant"},
+             "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": ns}]}
+        ]
+    });
+    let file = std::env::temp_dir().join(format!("cloudlb-tenant-{ns}.json"));
+    std::fs::write(&file, manifest.to_string()).expect("write tenant manifest");
+    rig.kubectl(&["apply", "-f", file.to_str().expect("utf8 path")]);
+    let _ = std::fs::remove_file(&file);
+    let token = rig.kubectl(&["create", "token", "tenant", "-n", ns]);
+    rig.client_with_token(token.trim()).await
+}
+
+/// `status.loadBalancer.ingress[0].hostname` of Service `name`, when it has one.
+pub async fn service_hostname(
+    api: &Api<k8s_openapi::api::core::v1::Service>,
+    name: &str,
+) -> Option<String> {
+    let svc = api.get_opt(name).await.ok()??;
+    svc.status?
+        .load_balancer?
+        .ingress?
+        .first()?
+        .hostname
+        .clone()
+}

@@ -38,6 +38,8 @@ pub struct Op {
     /// A create: after a network error it may have taken effect, so it is never retried
     /// blindly (the next reconcile observes what exists by name instead).
     pub creates: bool,
+    /// Changes nothing: allowed after the leader lease is lost (see [`AwsCloud::fenced_by`]).
+    pub reads: bool,
 }
 
 impl Op {
@@ -46,22 +48,28 @@ impl Op {
             name,
             bucket: Bucket::General,
             creates: false,
+            reads: false,
+        }
+    }
+
+    const fn read(name: &'static str) -> Op {
+        Op {
+            reads: true,
+            ..Op::general(name)
         }
     }
 
     const fn create(name: &'static str) -> Op {
         Op {
-            name,
-            bucket: Bucket::General,
             creates: true,
+            ..Op::general(name)
         }
     }
 
     const fn targets(name: &'static str) -> Op {
         Op {
-            name,
             bucket: Bucket::Targets,
-            creates: false,
+            ..Op::general(name)
         }
     }
 }
@@ -82,15 +90,16 @@ pub mod ops {
     pub const DELETE_SECURITY_GROUP: Op = Op::general("DeleteSecurityGroup");
     pub const DELETE_TARGET_GROUP: Op = Op::general("DeleteTargetGroup");
     pub const DEREGISTER_TARGETS: Op = Op::targets("DeregisterTargets");
-    pub const DESCRIBE_LISTENERS: Op = Op::general("DescribeListeners");
-    pub const DESCRIBE_LOAD_BALANCER_ATTRIBUTES: Op = Op::general("DescribeLoadBalancerAttributes");
-    pub const DESCRIBE_LOAD_BALANCERS: Op = Op::general("DescribeLoadBalancers");
-    pub const DESCRIBE_SECURITY_GROUPS: Op = Op::general("DescribeSecurityGroups");
-    pub const DESCRIBE_SUBNETS: Op = Op::general("DescribeSubnets");
-    pub const DESCRIBE_TAGS: Op = Op::general("DescribeTags");
-    pub const DESCRIBE_TARGET_GROUP_ATTRIBUTES: Op = Op::general("DescribeTargetGroupAttributes");
-    pub const DESCRIBE_TARGET_GROUPS: Op = Op::general("DescribeTargetGroups");
-    pub const DESCRIBE_TARGET_HEALTH: Op = Op::general("DescribeTargetHealth");
+    pub const DESCRIBE_LISTENERS: Op = Op::read("DescribeListeners");
+    pub const DESCRIBE_LOAD_BALANCER_ATTRIBUTES: Op = Op::read("DescribeLoadBalancerAttributes");
+    pub const DESCRIBE_LOAD_BALANCERS: Op = Op::read("DescribeLoadBalancers");
+    pub const DESCRIBE_SECURITY_GROUPS: Op = Op::read("DescribeSecurityGroups");
+    pub const DESCRIBE_SUBNETS: Op = Op::read("DescribeSubnets");
+    pub const DESCRIBE_INSTANCES: Op = Op::read("DescribeInstances");
+    pub const DESCRIBE_TAGS: Op = Op::read("DescribeTags");
+    pub const DESCRIBE_TARGET_GROUP_ATTRIBUTES: Op = Op::read("DescribeTargetGroupAttributes");
+    pub const DESCRIBE_TARGET_GROUPS: Op = Op::read("DescribeTargetGroups");
+    pub const DESCRIBE_TARGET_HEALTH: Op = Op::read("DescribeTargetHealth");
     pub const MODIFY_LISTENER: Op = Op::general("ModifyListener");
     pub const MODIFY_LOAD_BALANCER_ATTRIBUTES: Op = Op::general("ModifyLoadBalancerAttributes");
     pub const MODIFY_TARGET_GROUP: Op = Op::general("ModifyTargetGroup");
@@ -132,17 +141,22 @@ pub async fn aws_config(region: Option<&str>) -> aws_config::SdkConfig {
     loader.load().await
 }
 
-/// Who we are in the account: resources are ours only with this cluster's tag.
+/// Who we are in the account: resources are ours only with this cluster's tag, and, when they
+/// carry a class tag, this installation's class.
 #[derive(Clone, Debug)]
 pub struct Ownership {
     pub cluster: String,
+    pub class: String,
 }
 
 impl Ownership {
-    /// Whether `t` marks a resource of this cluster for Service `ns/name`.
+    /// Whether `t` marks a resource of this cluster and class for Service `ns/name`. A resource
+    /// without a class tag (made before cloudlb tagged classes) is this Service's: a sync adopts
+    /// it by adding the tag; one of another class is another installation's.
     pub fn owns(&self, t: &BTreeMap<String, String>, service: &str) -> bool {
         t.get(tags::CLUSTER) == Some(&self.cluster)
             && t.get(tags::SERVICE).map(String::as_str) == Some(service)
+            && t.get(tags::CLASS).is_none_or(|c| *c == self.class)
     }
 }
 
@@ -155,6 +169,10 @@ pub struct AwsCloud {
     pub(super) general: TokenBucket,
     pub(super) targets: TokenBucket,
     pub(super) networks: Mutex<BTreeMap<String, Network>>,
+    /// `--vpc-id`, or the VPC found from the nodes' instances (once).
+    pub(super) vpc: Mutex<Option<String>>,
+    /// Cancelled when this replica lost the leader lease: every write fails from then on.
+    pub(super) fence: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// The error code AWS (or LocalStack) gave, if any.
@@ -274,7 +292,16 @@ impl AwsCloud {
             general: TokenBucket::new(limits.qps, limits.burst),
             targets: TokenBucket::new(limits.targets_qps, limits.targets_burst),
             networks: Mutex::new(BTreeMap::new()),
+            vpc: Mutex::new(None),
+            fence: None,
         }
+    }
+
+    /// Refuses every write once `lost` is cancelled (the leader lease is gone), so a reconcile,
+    /// binding sync or sweep still in flight cannot write beside the next leader.
+    pub fn fenced_by(mut self, lost: tokio_util::sync::CancellationToken) -> AwsCloud {
+        self.fence = Some(lost);
+        self
     }
 
     /// An AwsCloud on the standard AWS configuration chain (see [`aws_config`]).
@@ -285,6 +312,14 @@ impl AwsCloud {
         limits: RateLimits,
     ) -> AwsCloud {
         AwsCloud::new(&aws_config(region).await, owner, metrics, limits)
+    }
+
+    /// Pins the cluster's VPC (`--vpc-id`); without it the VPC is found from the nodes.
+    pub fn with_vpc(self, vpc: Option<String>) -> AwsCloud {
+        AwsCloud {
+            vpc: Mutex::new(vpc),
+            ..self
+        }
     }
 
     pub fn owner(&self) -> &Ownership {
@@ -309,8 +344,13 @@ impl AwsCloud {
         // instead, and the next one observes what exists by name.
         let maybe_applied = std::sync::atomic::AtomicBool::new(false);
         let creates = op.creates;
+        let fenced = || !op.reads && self.fence.as_ref().is_some_and(|f| f.is_cancelled());
         let attempt = || async {
             bucket.acquire().await;
+            // Checked right before sending (also on retries and after waiting for a token).
+            if fenced() {
+                return Err(CloudError::Fenced { operation });
+            }
             let res = f().await;
             let outcome = match res {
                 Ok(v) => {

@@ -18,7 +18,7 @@ pub use client::{AwsCloud, HasStatus, Ownership, RateLimits, aws_config};
 
 use super::plan::ObservedStack;
 use super::{BoundTargetGroup, Cloud, CloudError, Deployed, Plan, StackQuery, TaggedResource};
-use crate::model::Target;
+use crate::model::{DesiredLoadBalancer, Target};
 
 impl Cloud for AwsCloud {
     fn observe<'a>(
@@ -60,6 +60,17 @@ impl Cloud for AwsCloud {
         targets: &'a [Target],
     ) -> BoxFuture<'a, Result<(), CloudError>> {
         Box::pin(AwsCloud::deregister_targets(self, arn, targets))
+    }
+
+    fn cluster_vpc<'a>(&'a self, hints: &'a [String]) -> BoxFuture<'a, Result<String, CloudError>> {
+        Box::pin(AwsCloud::cluster_vpc(self, hints))
+    }
+
+    fn vet<'a>(
+        &'a self,
+        desired: &'a DesiredLoadBalancer,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(AwsCloud::vet(self, desired))
     }
 
     fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>> {

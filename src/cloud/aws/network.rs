@@ -1,5 +1,6 @@
-//! Placement: the subnets (and so the VPC) of a load balancer, from the annotation or
-//! discovered by the usual role tags; cached.
+//! Placement: the cluster's VPC (`--vpc-id`, or the nodes' instances'), and the subnets of a
+//! load balancer inside it, from the annotation or discovered by the usual role tags; cached.
+//! What lies outside the cluster's VPC is refused before any write ([`AwsCloud::vet`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -8,7 +9,20 @@ use aws_sdk_ec2 as ec2;
 
 use super::client::*;
 use crate::cloud::CloudError;
-use crate::model::Scheme;
+use crate::model::{DesiredLoadBalancer, Scheme};
+
+const OUTSIDE_VPC: &str = "OutsideClusterVpc";
+
+fn refused(message: String) -> CloudError {
+    CloudError::Refused {
+        reason: OUTSIDE_VPC,
+        message,
+    }
+}
+
+/// How long a placement is trusted, and how many are kept.
+const NETWORK_TTL: Duration = Duration::from_secs(600);
+const NETWORK_CACHE_ENTRIES: usize = 256;
 
 #[derive(Clone, Debug)]
 pub(super) struct Network {
@@ -21,17 +35,21 @@ impl AwsCloud {
     /// Subnets for a load balancer: the annotation's (ids, or Name tags), else discovered by the
     /// usual role tags (`kubernetes.io/role/elb` for internet-facing, `…/internal-elb` for
     /// internal), one per availability zone. Cached for ten minutes.
-    pub(super) async fn network(
-        &self,
-        wanted: Option<&[String]>,
-        scheme: Scheme,
-    ) -> Result<Network, CloudError> {
+    pub(super) async fn network(&self, d: &DesiredLoadBalancer) -> Result<Network, CloudError> {
+        let (wanted, scheme) = (d.subnets.as_deref(), d.scheme);
+        let vpc = self.cluster_vpc(&d.node_instances).await?;
         let key = match wanted {
-            Some(w) => w.join(","),
+            Some(w) => {
+                // The same subnets however the annotation spells and orders them.
+                let mut w: Vec<&str> = w.iter().map(|s| s.trim()).collect();
+                w.sort_unstable();
+                w.dedup();
+                w.join(",")
+            }
             None => format!("discover:{}", scheme.as_aws()),
         };
         if let Some(n) = self.networks.lock().await.get(&key) {
-            if n.at.elapsed() < Duration::from_secs(600) {
+            if n.at.elapsed() < NETWORK_TTL {
                 return Ok(n.clone());
             }
         }
@@ -96,6 +114,7 @@ impl AwsCloud {
                     .collect()
             }
         };
+        let subnets = inside_vpc(subnets, wanted.is_some(), &vpc)?;
         let mut by_zone: BTreeMap<String, &ec2::types::Subnet> = BTreeMap::new();
         for s in &subnets {
             by_zone
@@ -116,14 +135,144 @@ impl AwsCloud {
             }));
         };
         let n = Network {
-            vpc_id: first.vpc_id().unwrap_or_default().to_string(),
+            vpc_id: first.vpc_id().unwrap_or(vpc.as_str()).to_string(),
             subnets: chosen
                 .iter()
                 .filter_map(|s| s.subnet_id().map(str::to_string))
                 .collect(),
             at: Instant::now(),
         };
-        self.networks.lock().await.insert(key, n.clone());
+        let mut cache = self.networks.lock().await;
+        // Bounded: expired entries go, and past the cap the oldest, so annotation values a
+        // tenant keeps changing cannot grow it.
+        cache.retain(|_, v| v.at.elapsed() < NETWORK_TTL);
+        while cache.len() >= NETWORK_CACHE_ENTRIES {
+            let Some(oldest) = cache
+                .iter()
+                .min_by_key(|(_, v)| v.at)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            cache.remove(&oldest);
+        }
+        cache.insert(key, n.clone());
         Ok(n)
+    }
+}
+
+/// The subnets inside `vpc`. The annotation's (`named`) must all be: any outside is refused;
+/// discovery only ever looks inside.
+fn inside_vpc(
+    subnets: Vec<ec2::types::Subnet>,
+    named: bool,
+    vpc: &str,
+) -> Result<Vec<ec2::types::Subnet>, CloudError> {
+    let (inside, outside): (Vec<_>, Vec<_>) =
+        subnets.into_iter().partition(|s| s.vpc_id() == Some(vpc));
+    if named && !outside.is_empty() {
+        let list: Vec<String> = outside
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (VPC {})",
+                    s.subnet_id().unwrap_or_default(),
+                    s.vpc_id().unwrap_or_default()
+                )
+            })
+            .collect();
+        return Err(refused(format!(
+            "annotation service.beta.kubernetes.io/aws-load-balancer-subnets: subnet(s) {} are outside the cluster's VPC {vpc}; nothing was created",
+            list.join(", ")
+        )));
+    }
+    Ok(inside)
+}
+
+impl AwsCloud {
+    /// The cluster's VPC: `--vpc-id`, else the one VPC of the nodes' instances `hints` (found
+    /// once). Refused when it cannot be told: no node instance, or nodes in several VPCs.
+    pub async fn cluster_vpc(&self, hints: &[String]) -> Result<String, CloudError> {
+        if let Some(v) = self.vpc.lock().await.clone() {
+            return Ok(v);
+        }
+        if hints.is_empty() {
+            return Err(refused(
+                "the cluster's VPC is not known: no node with an EC2 instance yet, and no --vpc-id; nothing was created".into(),
+            ));
+        }
+        let ids = hints.to_vec();
+        let out = self
+            .call(ops::DESCRIBE_INSTANCES, || {
+                self.ec2
+                    .describe_instances()
+                    .set_instance_ids(Some(ids.clone()))
+                    .send()
+            })
+            .await?;
+        let vpcs: std::collections::BTreeSet<String> = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.vpc_id().map(str::to_string))
+            .collect();
+        let mut it = vpcs.iter();
+        match (it.next(), it.next()) {
+            (Some(v), None) => {
+                tracing::info!(vpc = %v, "cluster VPC found from the nodes' instances");
+                *self.vpc.lock().await = Some(v.clone());
+                Ok(v.clone())
+            }
+            _ => Err(refused(format!(
+                "the cluster's VPC cannot be told from the nodes' instances (VPCs {vpcs:?}); set --vpc-id; nothing was created"
+            ))),
+        }
+    }
+
+    /// Before any write: the load balancer's subnets and the annotation's security groups must
+    /// be in the cluster's VPC.
+    pub async fn vet(&self, d: &DesiredLoadBalancer) -> Result<(), CloudError> {
+        let net = self.network(d).await?;
+        let Some(groups) = d.security_groups.as_ref().filter(|g| !g.is_empty()) else {
+            return Ok(());
+        };
+        let ids = groups.clone();
+        let res = self
+            .call(ops::DESCRIBE_SECURITY_GROUPS, || {
+                self.ec2
+                    .describe_security_groups()
+                    .set_group_ids(Some(ids.clone()))
+                    .send()
+            })
+            .await;
+        let out = match res {
+            Ok(o) => o,
+            Err(e) if not_found(&e, &["InvalidGroup.NotFound"]) => {
+                return Err(refused(format!(
+                    "annotation service.beta.kubernetes.io/aws-load-balancer-security-groups: {e}"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let outside: Vec<String> = out
+            .security_groups()
+            .iter()
+            .filter(|g| g.vpc_id() != Some(net.vpc_id.as_str()))
+            .map(|g| {
+                format!(
+                    "{} (VPC {})",
+                    g.group_id().unwrap_or_default(),
+                    g.vpc_id().unwrap_or_default()
+                )
+            })
+            .collect();
+        if outside.is_empty() {
+            return Ok(());
+        }
+        Err(refused(format!(
+            "annotation service.beta.kubernetes.io/aws-load-balancer-security-groups: security group(s) {} are outside the cluster's VPC {}; nothing was changed",
+            outside.join(", "),
+            net.vpc_id
+        )))
     }
 }

@@ -40,6 +40,7 @@ impl AwsCloud {
             .unwrap_or_default();
         Ok(Some(BoundTargetGroup {
             name: tg.target_group_name().unwrap_or_default().to_string(),
+            vpc_id: tg.vpc_id().unwrap_or_default().to_string(),
             target_type: tg
                 .target_type()
                 .map(|t| t.as_str().to_string())

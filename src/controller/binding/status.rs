@@ -6,8 +6,13 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use std::collections::BTreeSet;
+
 use crate::controller::MANAGER;
-use crate::crd::{Condition, ConditionStatus, TargetGroupBinding, TargetGroupBindingStatus};
+use crate::crd::{
+    Condition, ConditionStatus, RegisteredTarget, TargetGroupBinding, TargetGroupBindingStatus,
+};
+use crate::model::Target;
 
 /// The one condition a binding carries.
 pub const READY: &str = "Ready";
@@ -20,6 +25,8 @@ pub struct Outcome {
     pub message: String,
     /// Targets now registered; `None` keeps the last known count (nothing was observed).
     pub registered: Option<i32>,
+    /// The targets this binding registered itself; `None` keeps what status says.
+    pub owned: Option<BTreeSet<Target>>,
 }
 
 /// The Ready condition, if set.
@@ -27,9 +34,38 @@ pub fn ready_condition(status: Option<&TargetGroupBindingStatus>) -> Option<&Con
     status?.conditions.iter().find(|c| c.type_ == READY)
 }
 
-/// Whether the binding was ever synced: only then has the controller registered targets.
-pub fn ever_synced(status: Option<&TargetGroupBindingStatus>) -> bool {
-    status.is_some_and(|s| s.registered_targets.is_some())
+/// The targets the binding registered itself, as its status remembers them. A binding synced
+/// by a cloudlb that did not keep this list (`registeredTargets` set, no `targets`) is taken to
+/// own the targets it wants (`wanted`), the ones it would have registered; one never synced
+/// owns nothing.
+pub fn owned_targets(
+    status: Option<&TargetGroupBindingStatus>,
+    wanted: impl FnOnce() -> BTreeSet<Target>,
+) -> BTreeSet<Target> {
+    match status {
+        Some(TargetGroupBindingStatus {
+            targets: Some(list),
+            ..
+        }) => list
+            .iter()
+            .map(|t| Target {
+                id: t.id.clone(),
+                port: t.port,
+            })
+            .collect(),
+        Some(s) if s.registered_targets.is_some() => wanted(),
+        _ => BTreeSet::new(),
+    }
+}
+
+fn as_status_list(owned: &BTreeSet<Target>) -> Vec<RegisteredTarget> {
+    owned
+        .iter()
+        .map(|t| RegisteredTarget {
+            id: t.id.clone(),
+            port: t.port,
+        })
+        .collect()
 }
 
 /// The status after `outcome`, or `None` when the current one already says it (the transition
@@ -49,14 +85,20 @@ pub fn next(
     let registered = outcome
         .registered
         .or_else(|| current.and_then(|s| s.registered_targets));
-    let unchanged = current
-        .is_some_and(|c| c.observed_generation == generation && c.registered_targets == registered)
-        && old.is_some_and(|c| {
-            c.status == status
-                && c.reason == outcome.reason
-                && c.message == outcome.message
-                && c.observed_generation == generation
-        });
+    let targets = match &outcome.owned {
+        Some(o) => Some(as_status_list(o)),
+        None => current.and_then(|s| s.targets.clone()),
+    };
+    let unchanged = current.is_some_and(|c| {
+        c.observed_generation == generation
+            && c.registered_targets == registered
+            && c.targets == targets
+    }) && old.is_some_and(|c| {
+        c.status == status
+            && c.reason == outcome.reason
+            && c.message == outcome.message
+            && c.observed_generation == generation
+    });
     if unchanged {
         return None;
     }
@@ -74,13 +116,17 @@ pub fn next(
         type_: READY.into(),
         status,
         reason: outcome.reason.clone(),
-        message: outcome.message.chars().take(32_000).collect(),
+        message: crate::controller::text::truncate_bytes(
+            &outcome.message,
+            crate::controller::text::CONDITION_MESSAGE_BYTES,
+        ),
         last_transition_time,
         observed_generation: generation,
     });
     Some(TargetGroupBindingStatus {
         observed_generation: generation,
         registered_targets: registered,
+        targets,
         conditions,
     })
 }
@@ -121,6 +167,27 @@ pub async fn update(
     Ok(transition)
 }
 
+/// Remembers `owned` in `status.targets` alone (before registering them), leaving the
+/// condition as it is.
+pub async fn remember_targets(
+    client: &Client,
+    binding: &TargetGroupBinding,
+    owned: &BTreeSet<Target>,
+) -> Result<(), kube::Error> {
+    let api: Api<TargetGroupBinding> =
+        Api::namespaced(client.clone(), &binding.namespace().unwrap_or_default());
+    api.patch_status(
+        &binding.name_any(),
+        &PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        },
+        &Patch::Merge(&json!({ "status": { "targets": as_status_list(owned) } })),
+    )
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +202,7 @@ mod tests {
             reason: reason.into(),
             message: format!("{reason} message"),
             registered,
+            owned: None,
         }
     }
 
@@ -195,23 +263,49 @@ mod tests {
     }
 
     #[test]
-    fn never_synced_bindings_have_no_registered_count() {
+    fn owned_targets_come_from_status_and_survive_other_outcomes() {
+        let t = |id: &str| Target {
+            id: id.into(),
+            port: 30080,
+        };
+        let wanted = || BTreeSet::from([t("w")]);
+        let t0 = time("2026-01-01T00:00:00Z");
         let failed = next(
             None,
             Some(1),
             &outcome(false, "TargetGroupNotFound", None),
-            time("2026-01-01T00:00:00Z"),
+            t0.clone(),
         )
         .unwrap();
-        assert!(!ever_synced(Some(&failed)));
-        assert!(!ever_synced(None));
-        let ok = next(
-            Some(&failed),
+        // never synced: owns nothing, whatever it wants
+        assert!(owned_targets(Some(&failed), wanted).is_empty());
+        assert!(owned_targets(None, wanted).is_empty());
+        let mut synced = outcome(true, "TargetsRegistered", Some(2));
+        synced.owned = Some(BTreeSet::from([t("a"), t("b")]));
+        let ok = next(Some(&failed), Some(1), &synced, t0.clone()).unwrap();
+        assert_eq!(
+            owned_targets(Some(&ok), wanted),
+            BTreeSet::from([t("a"), t("b")])
+        );
+        // an outcome that observed nothing keeps the list
+        let later = next(
+            Some(&ok),
             Some(1),
-            &outcome(true, "TargetsRegistered", Some(0)),
-            time("2026-01-01T00:00:00Z"),
+            &outcome(false, "Conflict", None),
+            t0.clone(),
         )
         .unwrap();
-        assert!(ever_synced(Some(&ok)));
+        assert_eq!(owned_targets(Some(&later), wanted).len(), 2);
+        // a changed list alone is worth a write
+        let mut fewer = synced.clone();
+        fewer.owned = Some(BTreeSet::from([t("a")]));
+        assert!(next(Some(&ok), Some(1), &fewer, t0.clone()).is_some());
+        assert!(next(Some(&ok), Some(1), &synced, t0).is_none());
+        // synced by a cloudlb without the list: it owns what it wants
+        let legacy = TargetGroupBindingStatus {
+            registered_targets: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(owned_targets(Some(&legacy), wanted), wanted());
     }
 }

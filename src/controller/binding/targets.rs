@@ -1,6 +1,6 @@
-//! The targets a TargetGroupBinding wants in its target group, and the registrations that get the
-//! group there. Pure: the reconcile in `binding.rs` supplies the Service, nodes and slices.
+//! The targets a TargetGroupBinding wants in its target group. Pure: the reconcile in `binding.rs` supplies the Service, nodes and slices.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort as SpecPort};
@@ -40,10 +40,22 @@ impl BindingProblem {
 
 /// Which nodes the controller lets receive traffic at all (its `--node-selector` and its
 /// NotReady policy); a binding's own nodeSelector narrows this further.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct NodePolicy {
     pub selector: BTreeMap<String, String>,
     pub include_not_ready: bool,
+    /// `--not-ready-guard-percent` (100: no guard).
+    pub not_ready_guard_percent: u8,
+}
+
+impl Default for NodePolicy {
+    fn default() -> Self {
+        NodePolicy {
+            selector: BTreeMap::new(),
+            include_not_ready: false,
+            not_ready_guard_percent: 100,
+        }
+    }
 }
 
 fn port_text(p: &ServicePort) -> String {
@@ -73,7 +85,7 @@ pub fn desired_targets(
     spec: &TargetGroupBindingSpec,
     namespace: &str,
     svc: Option<&Service>,
-    nodes: &[Node],
+    nodes: &[impl Borrow<Node>],
     slices: &[EndpointSlice],
     policy: &NodePolicy,
 ) -> Result<BTreeSet<Target>, BindingProblem> {
@@ -95,24 +107,28 @@ pub fn desired_targets(
                     .and_then(|s| s.type_.clone())
                     .unwrap_or_else(|| "ClusterIP".into()),
             })?;
-            let selected: Vec<Node> = nodes
+            let selected: Vec<&Node> = nodes
                 .iter()
-                .filter(|n| {
+                .map(Borrow::borrow)
+                .filter(|n: &&Node| {
                     spec.node_selector.as_ref().is_none_or(|sel| {
                         sel.matches(n.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
                     })
                 })
-                .cloned()
                 .collect();
-            Ok(
-                model::eligible_nodes(&selected, &policy.selector, policy.include_not_ready)
-                    .into_iter()
-                    .map(|n| Target {
-                        id: n.instance_id,
-                        port: node_port,
-                    })
-                    .collect(),
+            Ok(model::guarded_eligible_nodes(
+                &selected,
+                &policy.selector,
+                policy.include_not_ready,
+                policy.not_ready_guard_percent,
             )
+            .0
+            .into_iter()
+            .map(|n| Target {
+                id: n.instance_id,
+                port: node_port,
+            })
+            .collect())
         }
         TargetType::Ip => Ok(model::endpoint_targets(
             slices,
@@ -127,27 +143,6 @@ pub fn accepts(aws_type: &str, wanted: TargetType) -> bool {
         (aws_type, wanted),
         ("instance", TargetType::Instance) | ("ip", TargetType::Ip)
     )
-}
-
-/// The writes that turn `active` into `desired`: register first, then deregister, so a target
-/// group never has fewer targets than it needs while it changes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TargetChanges {
-    pub register: Vec<Target>,
-    pub deregister: Vec<Target>,
-}
-
-impl TargetChanges {
-    pub fn between(desired: &BTreeSet<Target>, active: &BTreeSet<Target>) -> TargetChanges {
-        TargetChanges {
-            register: desired.difference(active).cloned().collect(),
-            deregister: active.difference(desired).cloned().collect(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.register.is_empty() && self.deregister.is_empty()
-    }
 }
 
 /// `i-1:30080, i-2:30080` (at most `max` listed, then `and N more`).
@@ -242,7 +237,7 @@ mod tests {
         ];
         let cluster = NodePolicy {
             selector: [("c".to_string(), "1".to_string())].into(),
-            include_not_ready: false,
+            ..NodePolicy::default()
         };
         let svc = service("NodePort", Some(30080));
         let cases: [(TargetGroupBindingSpec, &NodePolicy, BTreeSet<Target>); 5] = [
@@ -278,8 +273,8 @@ mod tests {
                     &[("pool", "edge")],
                 ),
                 &NodePolicy {
-                    selector: BTreeMap::new(),
                     include_not_ready: true,
+                    ..NodePolicy::default()
                 },
                 targets(&[("i-a", 30080), ("i-c", 30080), ("i-d", 30080)]),
             ),
@@ -305,7 +300,7 @@ mod tests {
             &spec(TargetType::Ip, ServicePort::Number(80), &[]),
             "shop",
             Some(&svc),
-            &[],
+            &[] as &[Node],
             &slices,
             &NodePolicy::default(),
         );
@@ -314,7 +309,7 @@ mod tests {
             &spec(TargetType::Ip, ServicePort::Name("admin".into()), &[]),
             "shop",
             Some(&svc),
-            &[],
+            &[] as &[Node],
             &slices,
             &NodePolicy::default(),
         );
@@ -361,38 +356,6 @@ mod tests {
             )
             .unwrap_err();
             assert_eq!((err.reason(), err.to_string().as_str()), (reason, message));
-        }
-    }
-
-    #[test]
-    fn changes_register_missing_and_deregister_extra_targets() {
-        let cases = [
-            (
-                targets(&[("a", 1), ("b", 1)]),
-                targets(&[("a", 1), ("b", 1)]),
-                vec![],
-                vec![],
-            ),
-            (
-                targets(&[("a", 1), ("b", 1)]),
-                targets(&[("a", 1)]),
-                vec![("b", 1)],
-                vec![],
-            ),
-            (targets(&[]), targets(&[("a", 1)]), vec![], vec![("a", 1)]),
-            (
-                targets(&[("a", 2)]),
-                targets(&[("a", 1)]),
-                vec![("a", 2)],
-                vec![("a", 1)],
-            ),
-        ];
-        for (desired, active, register, deregister) in cases {
-            let c = TargetChanges::between(&desired, &active);
-            let list = |v: Vec<(&str, i32)>| targets(&v).into_iter().collect::<Vec<_>>();
-            assert_eq!(c.register, list(register));
-            assert_eq!(c.deregister, list(deregister.clone()));
-            assert_eq!(c.is_empty(), c.register.is_empty() && deregister.is_empty());
         }
     }
 

@@ -11,19 +11,43 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{Resource, ResourceExt};
 
-use super::super::ClusterArgs;
 use super::super::status::{current_hostname, has_finalizer};
+use super::super::{ClusterArgs, policy};
 use crate::annotations::{self, LoadBalancerOptions};
 use crate::cloud::StackQuery;
-use crate::model::{self, DesiredLoadBalancer, ModelError, TargetType};
+use crate::model::{self, DesiredLoadBalancer, ModelError, Target, TargetType};
 
 /// What was last applied for a Service, so an unchanged Service costs no AWS call until the
-/// periodic drift check.
+/// periodic drift check, and a Service whose targets alone changed costs one call per
+/// changed target group.
 #[derive(Clone, Debug)]
 pub struct Applied {
     pub desired_hash: u64,
+    /// The hash of the desired state without its targets.
+    pub structure_hash: u64,
     pub hostname: Option<String>,
+    /// When the stack was last observed in full (the drift check runs `resync` after it).
     pub at: Instant,
+    /// Every desired target group by name, with the targets it holds since the last sync.
+    /// Empty when unknown: then any change observes the whole stack.
+    pub target_groups: BTreeMap<String, RegisteredGroup>,
+}
+
+/// A target group as the controller last left it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisteredGroup {
+    pub arn: String,
+    pub targets: BTreeSet<Target>,
+}
+
+/// Targets to register in and deregister from one target group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetChange {
+    /// The group's name (for logs and the bookkeeping).
+    pub target_group: String,
+    pub arn: String,
+    pub register: Vec<Target>,
+    pub deregister: Vec<Target>,
 }
 
 /// Everything a reconcile of one Service looks at before it calls anything.
@@ -39,6 +63,8 @@ pub struct View<'a> {
     pub pending_target_groups: BTreeSet<String>,
     /// The last full sync (`None` for `cloudlb plan`, which has no memory).
     pub applied: Option<Applied>,
+    /// Another Service of ours, older, that wants the same load balancer name (`ns/name`).
+    pub name_holder: Option<String>,
     pub resync: Duration,
     pub now: Instant,
 }
@@ -53,8 +79,22 @@ pub enum Next {
         reason: &'static str,
         message: String,
     },
+    /// The load balancer name is another (older) Service's: refused like bad input, and the
+    /// holder is told too.
+    NameTaken { name: String, holder: String },
     /// Same desired state as the last sync, within the resync period: no cloud call.
     UpToDate,
+    /// Same desired state, but the Service as cached lacks the finalizer or the hostname (a
+    /// stale cache right after our own writes, or someone removed them): Kubernetes writes
+    /// from memory, no cloud call.
+    Restore { hostname: Option<String> },
+    /// Only targets changed since the last sync (a node joined or left, endpoints moved):
+    /// register and deregister in the groups the controller knows, no observe.
+    Retarget {
+        desired: Box<DesiredLoadBalancer>,
+        desired_hash: u64,
+        changes: Vec<TargetChange>,
+    },
     /// Observe what `query` names, plan towards `desired`, deploy.
     Sync {
         desired: Box<DesiredLoadBalancer>,
@@ -135,6 +175,22 @@ pub fn decide(v: &View) -> Next {
             };
         }
     };
+    let refused = policy::refusals(
+        &opts,
+        &svc.namespace().unwrap_or_default(),
+        &v.cluster.policy,
+    );
+    if !refused.is_empty() {
+        let message = refused
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Next::Invalid {
+            reason: "NotAllowed",
+            message,
+        };
+    }
     let desired = match desire(v, &opts) {
         Ok(d) => d,
         Err(e) => {
@@ -144,15 +200,37 @@ pub fn decide(v: &View) -> Next {
             };
         }
     };
+    if let Some(holder) = &v.name_holder {
+        return Next::NameTaken {
+            name: desired.name,
+            holder: holder.clone(),
+        };
+    }
     // Warnings are part of what was last synced, so a new typo is reported at once.
     let desired_hash = hash_of(&(&desired, &opts.warnings));
     if let Some(a) = &v.applied {
-        if a.desired_hash == desired_hash
-            && v.now.saturating_duration_since(a.at) < v.resync
-            && a.hostname.as_deref() == current_hostname(svc)
-            && has_finalizer(svc, v.finalizer)
-        {
-            return Next::UpToDate;
+        if v.now.saturating_duration_since(a.at) < v.resync {
+            if a.desired_hash == desired_hash {
+                if a.hostname.as_deref() == current_hostname(svc) && has_finalizer(svc, v.finalizer)
+                {
+                    return Next::UpToDate;
+                }
+                return Next::Restore {
+                    hostname: a.hostname.clone(),
+                };
+            }
+            if a.structure_hash == structure_hash(&desired)
+                && a.hostname.as_deref() == current_hostname(svc)
+                && has_finalizer(svc, v.finalizer)
+            {
+                if let Some(changes) = target_changes(&desired, &a.target_groups) {
+                    return Next::Retarget {
+                        desired: Box::new(desired),
+                        desired_hash,
+                        changes,
+                    };
+                }
+            }
         }
     }
     let mut query = query(svc, Some(&desired), &opts, &v.cluster.cluster_name);
@@ -167,11 +245,7 @@ pub fn decide(v: &View) -> Next {
 
 /// The desired load balancer from the Service and the caches.
 pub fn desire(v: &View, opts: &LoadBalancerOptions) -> Result<DesiredLoadBalancer, ModelError> {
-    let eligible = model::eligible_nodes(
-        v.nodes,
-        &node_selector(v.cluster, opts),
-        v.cluster.keep_not_ready_nodes,
-    );
+    let (eligible, _) = target_nodes(v, opts);
     let slices = if opts.target_type == TargetType::Ip {
         model::slices_of_service(
             v.slices,
@@ -184,6 +258,29 @@ pub fn desire(v: &View, opts: &LoadBalancerOptions) -> Result<DesiredLoadBalance
     model::desired_load_balancer(v.svc, opts, &eligible, &slices, &v.cluster.context())
 }
 
+/// The Service's target nodes, and what the NotReady guard kept (see
+/// [`model::guarded_eligible_nodes`]).
+fn target_nodes(
+    v: &View,
+    opts: &LoadBalancerOptions,
+) -> (Vec<model::NodeTarget>, Option<model::Withheld>) {
+    model::guarded_eligible_nodes(
+        v.nodes,
+        &node_selector(v.cluster, opts),
+        v.cluster.keep_not_ready_nodes,
+        v.cluster.not_ready_guard_percent,
+    )
+}
+
+/// NotReady nodes the guard keeps as targets of this instance-target Service right now.
+pub fn withheld(v: &View) -> Option<model::Withheld> {
+    let opts = annotations::parse(v.svc.annotations()).ok()?;
+    if opts.target_type != TargetType::Instance {
+        return None;
+    }
+    target_nodes(v, &opts).1
+}
+
 /// What a teardown looks at: the load balancer names a sync would (and the default one), the
 /// target groups the Service would want if it can still be modelled, and pending ones.
 fn teardown_query(v: &View) -> StackQuery {
@@ -192,6 +289,10 @@ fn teardown_query(v: &View) -> StackQuery {
     if let Ok(d) = desire(v, &opts) {
         q.target_group_names = d.target_groups.iter().map(|t| t.name.clone()).collect();
     }
+    q.target_groups_by_tag = Some(model::name_prefix(
+        &v.svc.namespace().unwrap_or_default(),
+        &v.svc.name_any(),
+    ));
     with_pending(&mut q, &v.pending_target_groups);
     q
 }
@@ -201,6 +302,10 @@ fn teardown_query(v: &View) -> StackQuery {
 /// modelled (bad annotations): then nothing of it can be judged unreachable.
 pub fn reachable_names(v: &View) -> Option<(Vec<String>, Vec<String>)> {
     let opts = annotations::parse(v.svc.annotations()).ok()?;
+    let ns = v.svc.namespace().unwrap_or_default();
+    if !policy::refusals(&opts, &ns, &v.cluster.policy).is_empty() {
+        return None;
+    }
     let desired = desire(v, &opts).ok()?;
     let q = query(v.svc, Some(&desired), &opts, &v.cluster.cluster_name);
     Some((q.load_balancer_names, q.target_group_names))
@@ -249,6 +354,8 @@ fn query(
             .map(|d| d.target_groups.iter().map(|t| t.name.clone()).collect())
             .unwrap_or_default(),
         skip_foreign: desired.is_none(),
+        target_groups_by_tag: None,
+        identities_only: desired.is_none(),
     }
 }
 
@@ -271,10 +378,68 @@ pub fn name_from_hostname(host: &str) -> Option<String> {
     (!name.is_empty() && name.len() <= 32).then(|| name.to_string())
 }
 
-fn hash_of(d: &impl std::fmt::Debug) -> u64 {
+pub(crate) fn hash_of(d: &impl std::fmt::Debug) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     format!("{d:?}").hash(&mut h);
     h.finish()
+}
+
+/// The hash of `d` without its targets: equal hashes mean only targets differ.
+pub(crate) fn structure_hash(d: &DesiredLoadBalancer) -> u64 {
+    let mut bare = d.clone();
+    for tg in &mut bare.target_groups {
+        tg.targets.clear();
+    }
+    // Which nodes hint at the cluster's VPC moves with the nodes, like the targets.
+    bare.node_instances.clear();
+    hash_of(&bare)
+}
+
+/// Per target group, the targets to add and remove to go from `known` to `desired`; `None`
+/// when a desired group is not known (then only a full sync can tell). Groups with nothing
+/// to change are left out.
+pub fn target_changes(
+    desired: &DesiredLoadBalancer,
+    known: &BTreeMap<String, RegisteredGroup>,
+) -> Option<Vec<TargetChange>> {
+    let mut changes = Vec::new();
+    for tg in &desired.target_groups {
+        let have = known.get(&tg.name)?;
+        let register: Vec<Target> = tg.targets.difference(&have.targets).cloned().collect();
+        let deregister: Vec<Target> = have.targets.difference(&tg.targets).cloned().collect();
+        if !register.is_empty() || !deregister.is_empty() {
+            changes.push(TargetChange {
+                target_group: tg.name.clone(),
+                arn: have.arn.clone(),
+                register,
+                deregister,
+            });
+        }
+    }
+    Some(changes)
+}
+
+/// What the controller knows of the stack after a full sync of `desired`: each desired
+/// group's ARN (from `arns`, name → ARN) and its targets. Empty when an ARN is missing.
+pub fn registered_groups(
+    desired: &DesiredLoadBalancer,
+    arns: &BTreeMap<String, String>,
+) -> BTreeMap<String, RegisteredGroup> {
+    let known: Option<BTreeMap<String, RegisteredGroup>> = desired
+        .target_groups
+        .iter()
+        .map(|tg| {
+            let arn = arns.get(&tg.name)?.clone();
+            Some((
+                tg.name.clone(),
+                RegisteredGroup {
+                    arn,
+                    targets: tg.targets.clone(),
+                },
+            ))
+        })
+        .collect();
+    known.unwrap_or_default()
 }
 #[cfg(test)]
 mod tests {
@@ -282,12 +447,14 @@ mod tests {
 
     fn cluster(default_class: bool) -> ClusterArgs {
         ClusterArgs {
+            policy: Default::default(),
             cluster_name: "c".into(),
             load_balancer_class: "cloudlb.io/nlb".into(),
             default_class,
             default_class_all: false,
             region: None,
             keep_not_ready_nodes: false,
+            not_ready_guard_percent: 50,
             node_proxy_health_port: None,
             node_selector: BTreeMap::new(),
         }

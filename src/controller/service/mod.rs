@@ -24,7 +24,8 @@ use crate::cloud::plan::{self, Change, DeletionProtection};
 use crate::cloud::{Cloud, CloudError, Plan, StackQuery};
 use crate::model::DesiredLoadBalancer;
 pub use decide::{
-    Applied, Next, View, decide, is_ours, name_from_hostname, node_selector, uses_ip_targets,
+    Applied, Next, RegisteredGroup, TargetChange, View, decide, is_ours, name_from_hostname,
+    node_selector, uses_ip_targets,
 };
 
 /// Why a reconcile failed; all are retried with backoff, and reported as Events.
@@ -125,10 +126,45 @@ fn with_view<T>(svc: &Service, ctx: &Context, f: impl FnOnce(&View) -> T) -> T {
             .get(&key)
             .unwrap_or_default(),
         applied: ctx.services_memory.applied.get(&key),
+        name_holder: name_holder(svc, ctx),
         resync: ctx.resync,
         now: Instant::now(),
     };
     f(&view)
+}
+
+/// The older Service of ours (`ns/name`) that wants `svc`'s load balancer name, if any: the
+/// oldest (then by key) of those wanting one name keeps it.
+fn name_holder(svc: &Service, ctx: &Context) -> Option<String> {
+    let name_of = |s: &Service| -> Option<String> {
+        let opts = crate::annotations::parse(s.annotations()).ok()?;
+        Some(opts.name.unwrap_or_else(|| {
+            crate::model::load_balancer_name(
+                &ctx.cluster.cluster_name,
+                &s.namespace().unwrap_or_default(),
+                &s.name_any(),
+            )
+        }))
+    };
+    let mine = name_of(svc)?;
+    let rank = |s: &Service| {
+        (
+            s.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string()),
+            format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+        )
+    };
+    let me = rank(svc);
+    ctx.services
+        .state()
+        .iter()
+        .filter(|s| is_ours(s, &ctx.cluster) && s.metadata.deletion_timestamp.is_none())
+        .filter(|s| rank(s) != me && rank(s) < me)
+        .filter(|s| name_of(s).as_deref() == Some(mine.as_str()))
+        .map(|s| rank(s).1)
+        .min()
 }
 
 /// What a reconcile of `svc` would look at (for the orphan sweep); see
@@ -145,10 +181,26 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Reconci
     if !ctx.stores_synced() {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    match with_view(svc, ctx, decide) {
+    let next = with_view(svc, ctx, decide);
+    if matches!(
+        next,
+        Next::Sync { .. } | Next::Retarget { .. } | Next::UpToDate
+    ) {
+        if let Some(w) = with_view(svc, ctx, decide::withheld) {
+            withheld_warning(svc, ctx, w).await;
+        }
+    }
+    match next {
         Next::Ignore => Ok(Action::await_change()),
         Next::Invalid { reason, message } => invalid(svc, ctx, reason, &message).await,
+        Next::NameTaken { name, holder } => name_taken(svc, ctx, &name, &holder).await,
         Next::UpToDate => Ok(Action::requeue(ctx.resync)),
+        Next::Restore { hostname } => restore(svc, ctx, hostname.as_deref()).await,
+        Next::Retarget {
+            desired,
+            desired_hash,
+            changes,
+        } => retarget(svc, ctx, &desired, desired_hash, &changes).await,
         Next::Sync {
             desired,
             desired_hash,
@@ -185,19 +237,40 @@ async fn sync(
     };
     let name = desired.name.clone();
     let plan = Plan::new(Some(desired), observed);
-    let hostname = if plan.changes.is_empty() {
-        plan.observed
+    let (hostname, arns, note) = if plan.changes.is_empty() {
+        let arns = plan
+            .observed
+            .target_groups
+            .iter()
+            .map(|t| (t.name.clone(), t.arn.clone()))
+            .collect();
+        let hostname = plan
+            .observed
             .load_balancer
             .as_ref()
-            .map(|l| l.dns_name.clone())
+            .map(|l| l.dns_name.clone());
+        (hostname, arns, None)
     } else {
-        let creating = plan.observed.load_balancer.is_none();
-        if creating {
-            let note = normal("EnsuringLoadBalancer", "Ensuring load balancer");
-            ctx.writes.event(svc, note).await;
+        // Outside the cluster's VPC: refused like bad input, before any write.
+        if let Some(d) = &plan.desired {
+            match ctx.cloud.vet(d).await {
+                Ok(()) => {}
+                Err(CloudError::Refused { reason, message }) => {
+                    return invalid(svc, ctx, reason, &message).await;
+                }
+                Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
+            }
         }
+        let creating = plan.observed.load_balancer.is_none();
         remember_created(&plan.changes, ctx, &key);
-        let deployed = match ctx.cloud.deploy(&plan).await {
+        // The Event is not on the way to the hostname: it is written while AWS works.
+        let deployed = if creating {
+            let note = normal("EnsuringLoadBalancer", "Ensuring load balancer");
+            tokio::join!(ctx.writes.event(svc, note), ctx.cloud.deploy(&plan)).1
+        } else {
+            ctx.cloud.deploy(&plan).await
+        };
+        let deployed = match deployed {
             Ok(d) => d,
             Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
         };
@@ -213,10 +286,12 @@ async fn sync(
                 format!("Updated load balancer {name}: {summary}"),
             )
         };
-        ctx.writes.event(svc, note).await;
         info!(changes = plan.changes.len(), %summary, "load balancer synced");
-        deployed.dns_name
+        (deployed.dns_name, deployed.target_group_arns, Some(note))
     };
+    let desired = plan.desired.as_ref().ok_or_else(|| {
+        ReconcileError::Cloud(CloudError::Internal("sync without desired state".into()))
+    })?;
     // The stack matches the plan: every target group a plan created is attached, and every
     // observed one it did not want is gone.
     ctx.services_memory.pending_target_groups.remove(&key);
@@ -231,18 +306,125 @@ async fn sync(
             },
         )
         .await?;
+    // After the status: the hostname does not wait for the Event.
+    if let Some(note) = note {
+        ctx.writes.event(svc, note).await;
+    }
     ctx.services_memory.applied.insert(
         key,
         Applied {
             desired_hash,
+            structure_hash: decide::structure_hash(desired),
             hostname,
             at: Instant::now(),
+            target_groups: decide::registered_groups(desired, &arns),
         },
     );
     ctx.metrics
         .managed_load_balancers
         .set(ctx.services_memory.managed());
     Ok(Action::requeue(ctx.resync))
+}
+
+/// The cached Service lacks what the last sync wrote (finalizer, hostname): write it again
+/// from memory, without asking the cloud.
+async fn restore(
+    svc: &Service,
+    ctx: &Context,
+    hostname: Option<&str>,
+) -> Result<Action, ReconcileError> {
+    ctx.writes.add_finalizer(svc, &ctx.finalizer).await?;
+    ctx.writes
+        .update_status(
+            svc,
+            status::Update {
+                hostname,
+                synced: true,
+                reason: "Synced",
+                message: "load balancer matches the Service",
+            },
+        )
+        .await?;
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// Only targets changed: one RegisterTargets and/or DeregisterTargets per changed group,
+/// new targets before old ones go, all groups at once; no observe. Anything unexpected
+/// (a group gone) fails the reconcile and forgets the memory, so the retry observes in full.
+async fn retarget(
+    svc: &Service,
+    ctx: &Context,
+    desired: &DesiredLoadBalancer,
+    desired_hash: u64,
+    changes: &[TargetChange],
+) -> Result<Action, ReconcileError> {
+    let key = ObjectRef::from_obj(svc);
+    let cloud = ctx.cloud.as_ref();
+    let registered = futures::future::try_join_all(
+        changes
+            .iter()
+            .filter(|c| !c.register.is_empty())
+            .map(|c| cloud.register_targets(&c.arn, &c.register)),
+    )
+    .await;
+    let deregistered = match registered {
+        Ok(_) => {
+            futures::future::try_join_all(
+                changes
+                    .iter()
+                    .filter(|c| !c.deregister.is_empty())
+                    .map(|c| cloud.deregister_targets(&c.arn, &c.deregister)),
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = deregistered {
+        ctx.services_memory.applied.remove(&key);
+        return Err(sync_failed(svc, ctx, e).await.into());
+    }
+    let (added, removed) = changes.iter().fold((0, 0), |(a, r), c| {
+        (a + c.register.len(), r + c.deregister.len())
+    });
+    info!(groups = changes.len(), added, removed, "targets updated");
+    let note = normal(
+        "UpdatedLoadBalancer",
+        format!(
+            "Updated load balancer {}: targets +{added} -{removed} in {} target group(s)",
+            desired.name,
+            changes.len()
+        ),
+    );
+    ctx.writes.event(svc, note).await;
+    if let Some(mut a) = ctx.services_memory.applied.get(&key) {
+        let arns = a
+            .target_groups
+            .iter()
+            .map(|(n, g)| (n.clone(), g.arn.clone()))
+            .collect();
+        a.desired_hash = desired_hash;
+        a.target_groups = decide::registered_groups(desired, &arns);
+        ctx.services_memory.applied.insert(key, a);
+    }
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// The NotReady guard kept nodes registered: a Warning and the metric.
+async fn withheld_warning(svc: &Service, ctx: &Context, w: crate::model::Withheld) {
+    ctx.metrics.not_ready_withheld.inc_by(w.not_ready as u64);
+    warn!(
+        not_ready = w.not_ready,
+        nodes = w.candidates,
+        "NotReady guard: keeping nodes registered"
+    );
+    let note = format!(
+        "{} of {} target nodes are NotReady at once (more than --not-ready-guard-percent={}%); \
+         keeping all of them registered and leaving them to the health checks",
+        w.not_ready, w.candidates, ctx.cluster.not_ready_guard_percent
+    );
+    ctx.writes
+        .event(svc, Note::warning("DeregistrationWithheld", "Sync", note))
+        .await;
 }
 
 /// A Warning Event with AWS's message; the error goes on to the backoff.
@@ -290,6 +472,56 @@ async fn invalid(
         ctx.writes.event(svc, note).await;
     }
     Ok(Action::await_change())
+}
+
+/// Refused because another, older Service of ours wants the same load balancer name: this
+/// Service gets the condition and a Warning, and the holder a Warning too (once, when this
+/// Service's condition turns), so both owners see the clash.
+async fn name_taken(
+    svc: &Service,
+    ctx: &Context,
+    name: &str,
+    holder: &str,
+) -> Result<Action, ReconcileError> {
+    let me = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+    let message = format!(
+        "load balancer name {name} is already used by Service {holder}; choose another name (annotation service.beta.kubernetes.io/aws-load-balancer-name)"
+    );
+    let changed = ctx
+        .writes
+        .update_status(
+            svc,
+            status::Update {
+                hostname: status::current_hostname(svc),
+                synced: false,
+                reason: "NameConflict",
+                message: &message,
+            },
+        )
+        .await?;
+    if changed {
+        warn!(%name, %holder, "load balancer name taken; no cloud change made");
+        let note = Note::warning(
+            "SyncLoadBalancerFailed",
+            "SyncLoadBalancerFailed",
+            format!("NameConflict: {message}"),
+        );
+        ctx.writes.event(svc, note).await;
+        let holder_ref = holder
+            .split_once('/')
+            .map(|(ns, n)| ObjectRef::<Service>::new(n).within(ns));
+        if let Some(h) = holder_ref.and_then(|r| ctx.services.get(&r)) {
+            let note = Note::warning(
+                "LoadBalancerNameConflict",
+                "Sync",
+                format!(
+                    "Service {me} also asks for load balancer name {name}; it is refused while this Service holds the name"
+                ),
+            );
+            ctx.writes.event(&h, note).await;
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(30)))
 }
 
 /// Deletes everything the Service owns, then its status and finalizer.
@@ -399,7 +631,15 @@ pub async fn dry_run(view: &View<'_>, cloud: &dyn Cloud) -> Result<DryRun, Cloud
         Next::Invalid { reason, message } => {
             return Ok(DryRun::Invalid(format!("{reason}: {message}")));
         }
-        Next::UpToDate => return Ok(DryRun::UpToDate),
+        Next::NameTaken { name, holder } => {
+            return Ok(DryRun::Invalid(format!(
+                "NameConflict: load balancer name {name} is Service {holder}'s"
+            )));
+        }
+        // Both need the memory of a sync, which `cloudlb plan` does not have.
+        Next::UpToDate | Next::Restore { .. } | Next::Retarget { .. } => {
+            return Ok(DryRun::UpToDate);
+        }
         Next::Sync { desired, query, .. } => (Some(*desired), query),
         Next::Teardown { query, .. } => (None, query),
     };
