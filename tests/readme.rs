@@ -1,6 +1,6 @@
 //! The README is the user's manual: its tables must match what the code accepts.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 fn readme() -> String {
@@ -22,16 +22,41 @@ fn table_keys(text: &str, heading: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn annotation_table_matches_the_parser() {
-    let documented = table_keys(&readme(), "### Annotations");
-    let supported: BTreeSet<String> = cloudlb::annotations::SUPPORTED
+fn annotation_table_matches_the_parser_both_ways() {
+    use cloudlb::annotations::catalog;
+    let text = readme();
+    let start = text
+        .find("### Annotations")
+        .expect("README has ### Annotations");
+    let documented: BTreeMap<String, String> = text[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(" | ").collect();
+            let key = cells[0]
+                .trim_start_matches("| ")
+                .trim_matches('`')
+                .to_string();
+            (key, cells.get(1).unwrap_or(&"").trim().to_string())
+        })
+        .collect();
+    let code: BTreeMap<String, String> = catalog::ENTRIES
         .iter()
-        .map(|(n, _)| cloudlb::annotations::key(n))
+        .map(|e| (e.key.to_string(), catalog::status_text(e)))
         .collect();
     assert_eq!(
-        documented, supported,
-        "README annotation table and annotations::SUPPORTED disagree"
+        documented, code,
+        "README annotation table (name → status) and annotations::catalog disagree"
     );
+    // And the other way: every key the parser reads is in the catalog, so in the README.
+    for k in cloudlb::annotations::keys_read() {
+        assert!(
+            code.contains_key(&k),
+            "the parser reads {k}, which the README annotation table does not list"
+        );
+    }
 }
 
 /// Long flags of `cloudlb <sub> --help` (clap's help is generated from the real parser).

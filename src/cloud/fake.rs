@@ -298,6 +298,15 @@ impl FakeCloud {
                         t.tags.extend(tags.clone());
                     }
                 }
+                Change::RemoveTags { arn, keys } => {
+                    let tags = match s.load_balancers.get_mut(arn) {
+                        Some(l) => Some(&mut l.tags),
+                        None => s.target_groups.get_mut(arn).map(|t| &mut t.tags),
+                    };
+                    if let Some(tags) = tags {
+                        tags.retain(|k, _| !keys.contains(k));
+                    }
+                }
                 Change::CreateListener {
                     load_balancer,
                     listener,

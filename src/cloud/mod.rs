@@ -77,8 +77,9 @@ pub struct StackQuery {
     /// failed after its load balancer went is attached to nothing and may not be a name the
     /// Service still models (a ClusterIP Service has no nodePorts), so only its tags find it.
     pub target_groups_by_tag: Option<String>,
-    /// Teardown: read only what names each resource (ARNs, ids, ownership), not attributes,
-    /// listeners or targets, which a deletion does not need.
+    /// Teardown: read only what names each resource (ARNs, ids, ownership) and the load
+    /// balancer's attributes (deletion protection), not listeners, targets or target group
+    /// attributes, which a deletion does not need.
     pub identities_only: bool,
 }
 

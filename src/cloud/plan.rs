@@ -122,6 +122,11 @@ pub enum Change {
         arn: String,
         tags: BTreeMap<String, String>,
     },
+    /// Tags cloudlb no longer wants (e.g. dropped from `additional-resource-tags`).
+    RemoveTags {
+        arn: String,
+        keys: Vec<String>,
+    },
     CreateListener {
         load_balancer: LoadBalancerRef,
         listener: ListenerSpec,
@@ -178,6 +183,7 @@ impl Change {
             Change::SetIpAddressType { .. } => "SetIpAddressType",
             Change::ModifyLoadBalancerAttributes { .. } => "ModifyLoadBalancerAttributes",
             Change::AddTags { .. } => "AddTags",
+            Change::RemoveTags { .. } => "RemoveTags",
             Change::CreateListener { .. } => "CreateListener",
             Change::ModifyListener { .. } => "ModifyListener",
             Change::DeregisterTargets { .. } => "DeregisterTargets",
@@ -305,6 +311,7 @@ impl fmt::Display for Change {
                 write!(f, "{k} {attributes:?}")
             }
             Change::AddTags { arn, tags } => write!(f, "{k} {arn} {tags:?}"),
+            Change::RemoveTags { arn, keys } => write!(f, "{k} {arn} {keys:?}"),
             Change::CreateListener { listener: l, .. } => {
                 write!(
                     f,
@@ -364,6 +371,14 @@ pub fn plan(desired: Option<&DesiredLoadBalancer>, observed: &ObservedStack) -> 
 fn plan_teardown(observed: &ObservedStack) -> Vec<Change> {
     let mut out = Vec::new();
     if let Some(lb) = &observed.load_balancer {
+        // The controller lets a teardown of a protected load balancer get here only when the
+        // Service itself turned protection off (see [`deletion_protection`]).
+        if is_protected(lb) {
+            out.push(Change::ModifyLoadBalancerAttributes {
+                load_balancer: LoadBalancerRef::Arn(lb.arn.clone()),
+                attributes: [(DELETION_PROTECTION.to_string(), "false".to_string())].into(),
+            });
+        }
         // Deleting the load balancer deletes its listeners with it.
         out.push(Change::DeleteLoadBalancer {
             arn: lb.arn.clone(),
@@ -384,6 +399,59 @@ fn plan_teardown(observed: &ObservedStack) -> Vec<Change> {
         });
     }
     out
+}
+
+/// The load balancer attribute that makes AWS refuse `DeleteLoadBalancer`.
+pub const DELETION_PROTECTION: &str = "deletion_protection.enabled";
+
+fn is_protected(lb: &ObservedLoadBalancer) -> bool {
+    lb.attributes.get(DELETION_PROTECTION).map(String::as_str) == Some("true")
+}
+
+/// Whether a teardown may delete the observed load balancer. cloudlb never turns deletion
+/// protection off on its own (someone may have set it in AWS on purpose); it does when the
+/// Service's own attributes annotation says `deletion_protection.enabled=false` (LBC's rule:
+/// editing it to false lets the deletion through).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeletionProtection {
+    /// Nothing protected: delete.
+    Off,
+    /// Protected, and the Service asks for it off: the teardown turns it off, then deletes.
+    TurnOff,
+    /// Protected: no cloud change; the named load balancer stays until someone turns it off.
+    Blocked(String),
+}
+
+pub fn deletion_protection(observed: &ObservedStack, service_says_off: bool) -> DeletionProtection {
+    match &observed.load_balancer {
+        Some(lb) if is_protected(lb) => {
+            if service_says_off {
+                DeletionProtection::TurnOff
+            } else {
+                DeletionProtection::Blocked(lb.name.clone())
+            }
+        }
+        _ => DeletionProtection::Off,
+    }
+}
+
+/// Observed tag keys the desired resource no longer has (LBC's rule: tags dropped from the
+/// annotation go). `aws:` keys belong to AWS (it refuses to remove them) and `cloudlb.io/`
+/// keys are cloudlb's own ownership tags, which the IAM policy never lets it remove.
+fn removed_tags(
+    desired: &BTreeMap<String, String>,
+    observed: &BTreeMap<String, String>,
+) -> Vec<String> {
+    observed
+        .keys()
+        .filter(|k| {
+            let lower = k.to_ascii_lowercase();
+            !desired.contains_key(*k)
+                && !lower.starts_with("aws:")
+                && !lower.starts_with("cloudlb.io/")
+        })
+        .cloned()
+        .collect()
 }
 
 fn delete_duplicates(observed: &ObservedStack) -> impl Iterator<Item = Change> + '_ {
@@ -441,6 +509,13 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
                     early.push(Change::AddTags {
                         arn: o.arn.clone(),
                         tags,
+                    });
+                }
+                let gone = removed_tags(&tg.tags, &o.tags);
+                if !gone.is_empty() {
+                    early.push(Change::RemoveTags {
+                        arn: o.arn.clone(),
+                        keys: gone,
                     });
                 }
                 let add: Vec<Target> = tg.targets.difference(&o.targets).cloned().collect();
@@ -514,6 +589,13 @@ fn plan_apply(d: &DesiredLoadBalancer, observed: &ObservedStack) -> Vec<Change> 
                 middle.push(Change::AddTags {
                     arn: lb.arn.clone(),
                     tags,
+                });
+            }
+            let gone = removed_tags(&d.tags, &lb.tags);
+            if !gone.is_empty() {
+                middle.push(Change::RemoveTags {
+                    arn: lb.arn.clone(),
+                    keys: gone,
                 });
             }
             // Groups can be swapped only on a load balancer created with some.
@@ -653,6 +735,9 @@ fn changed_entries(
 }
 
 #[cfg(test)]
+mod tag_and_protection_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::annotations;
@@ -660,7 +745,7 @@ mod tests {
     use crate::model::{self, ClusterContext, NodeTarget};
     use serde_json::json;
 
-    fn desired(node_port: i32, nodes: &[&str]) -> DesiredLoadBalancer {
+    pub(super) fn desired(node_port: i32, nodes: &[&str]) -> DesiredLoadBalancer {
         let svc = serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": "u1"},
             "spec": {"ports": [{"port": 80, "nodePort": node_port}]}
@@ -688,7 +773,7 @@ mod tests {
     }
 
     /// What the cloud would hold after `d` was fully applied.
-    fn observed_from(d: &DesiredLoadBalancer) -> ObservedStack {
+    pub(super) fn observed_from(d: &DesiredLoadBalancer) -> ObservedStack {
         let tgs: Vec<ObservedTargetGroup> = d
             .target_groups
             .iter()

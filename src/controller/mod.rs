@@ -60,6 +60,12 @@ pub struct ClusterArgs {
     /// cluster's default load balancer implementation).
     #[arg(long, env = "CLOUDLB_DEFAULT_CLASS")]
     pub default_class: bool,
+    /// With `--default-class`: serve every class-less LoadBalancer Service, for clusters with no
+    /// cloud-controller-manager service controller. Without it only class-less Services
+    /// annotated `aws-load-balancer-type: external` or `nlb-ip` are served — the ones the
+    /// cloud provider leaves alone (LBC's rule), so two controllers never serve one Service.
+    #[arg(long, env = "CLOUDLB_DEFAULT_CLASS_ALL", requires = "default_class")]
+    pub default_class_all: bool,
     /// AWS region (else the standard AWS config chain: AWS_REGION, profile, IMDS).
     #[arg(long, env = "CLOUDLB_REGION")]
     pub region: Option<String>,

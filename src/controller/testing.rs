@@ -251,6 +251,7 @@ pub fn cluster() -> ClusterArgs {
         cluster_name: "c".into(),
         load_balancer_class: super::DEFAULT_CLASS.into(),
         default_class: false,
+        default_class_all: false,
         region: None,
         keep_not_ready_nodes: false,
         not_ready_guard_percent: 50,

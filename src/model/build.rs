@@ -5,11 +5,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::health::{HealthCheckInputs, HealthCheckSpec, health_check};
+use super::health::{HealthCheckInputs, HealthCheckOverrides, HealthCheckSpec, health_check};
 use super::names::{aws_name, load_balancer_name, short_hash};
 use super::nodes::endpoint_targets;
-use super::vocabulary::{PortRef, Protocol, TargetType};
+use super::vocabulary::{
+    Attributes, HealthCheckPort, IpAddressType, PortRef, Protocol, TargetType,
+};
 use super::{
     ClusterContext, DesiredLoadBalancer, IngressRule, ListenerSpec, ModelError, NodeTarget,
     SecurityGroupSpec, Target, TargetGroupSpec, tags,
@@ -36,9 +39,13 @@ pub struct PortGroup<'a> {
 }
 
 impl PortGroup<'_> {
-    /// The target group's protocol: TCP_UDP for both, else the one protocol.
-    fn protocol(&self) -> Result<Protocol, ModelError> {
+    /// The target group's protocol: TCP_UDP for both (unless `enable-tcp-udp-listener` is
+    /// `false`), else the one protocol.
+    fn protocol(&self, tcp_udp_listener: Option<bool>) -> Result<Protocol, ModelError> {
         if self.protocols.len() == 2 {
+            if tcp_udp_listener == Some(false) {
+                return Err(ModelError::TcpUdpDisabled(self.number));
+            }
             if self.node_ports.len() != 1 {
                 return Err(ModelError::MixedNodePorts(self.number));
             }
@@ -119,8 +126,9 @@ fn port_key(protocol: Protocol, number: i32) -> String {
     )
 }
 
-/// The targets of a port group and the port they listen on: every eligible node at the
-/// nodePort, or the ready endpoints at their port (the Service port when there are none).
+/// The targets of a port group and the target group's port: every eligible node at the
+/// nodePort, or the ready endpoints at their port with the group's port the Service's
+/// numeric targetPort (1 for a named one, as LBC), so it never depends on which pods exist.
 fn targets_of(
     g: &PortGroup,
     target_type: TargetType,
@@ -142,10 +150,65 @@ fn targets_of(
         TargetType::Ip => {
             let port_name = g.first.name.as_deref().unwrap_or("");
             let targets = endpoint_targets(endpoints, port_name);
-            let tp = targets.iter().next().map(|t| t.port).unwrap_or(g.number);
-            (tp, targets)
+            (ip_target_group_port(g.first), targets)
         }
     }
+}
+
+/// LBC's ip target group port: the numeric targetPort (the port when unset), 1 when named.
+fn ip_target_group_port(p: &ServicePort) -> i32 {
+    match &p.target_port {
+        None => p.port,
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(s)) => s.parse().unwrap_or(1),
+    }
+}
+
+/// A named `healthcheck-port` as a number: the nodePort of that Service port for instance
+/// targets, its numeric targetPort for ip targets (LBC's rule).
+fn resolve_health_check_port(
+    o: &HealthCheckOverrides,
+    ports: &[ServicePort],
+    target_type: TargetType,
+) -> Result<HealthCheckOverrides, ModelError> {
+    let Some(HealthCheckPort::Name(name)) = &o.port else {
+        return Ok(o.clone());
+    };
+    let unknown = || ModelError::UnknownHealthCheckPort(name.clone());
+    let p = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name.as_str()))
+        .ok_or_else(unknown)?;
+    let n = match target_type {
+        TargetType::Instance => p.node_port.ok_or_else(unknown)?,
+        TargetType::Ip => match &p.target_port {
+            None => p.port,
+            Some(IntOrString::Int(n)) => *n,
+            Some(IntOrString::String(_)) => return Err(unknown()),
+        },
+    };
+    let port = u16::try_from(n).map_err(|_| unknown())?;
+    Ok(HealthCheckOverrides {
+        port: Some(HealthCheckPort::Port(port)),
+        ..o.clone()
+    })
+}
+
+/// A target group's attributes: the global ones, the port's own over them, then the
+/// proxy-protocol annotations (`*` wins over the per-port list), as LBC orders them.
+fn target_group_attributes(opts: &LoadBalancerOptions, number: i32) -> Attributes {
+    let mut attributes = opts.target_group_attributes.clone();
+    if let Some(port) = opts.port_target_group_attributes.get(&number) {
+        attributes.extend(port.clone());
+    }
+    if let Some(ports) = &opts.proxy_protocol_ports {
+        let on = ports.contains(&number);
+        attributes.insert("proxy_protocol_v2.enabled".into(), on.to_string());
+    }
+    if opts.proxy_protocol {
+        attributes.insert("proxy_protocol_v2.enabled".into(), "true".into());
+    }
+    attributes
 }
 
 /// Everything a target group of this Service shares with the others.
@@ -181,10 +244,7 @@ fn target_group(
             10,
         ),
     );
-    let mut attributes = i.opts.target_group_attributes.clone();
-    if i.opts.proxy_protocol {
-        attributes.insert("proxy_protocol_v2.enabled".into(), "true".into());
-    }
+    let attributes = target_group_attributes(i.opts, number);
     let mut tg_tags = i.base_tags.clone();
     tg_tags.insert(tags::PORT.into(), port_key.clone());
     tg_tags.insert(tags::RESOURCE.into(), "targetgroup".into());
@@ -218,8 +278,36 @@ fn listener(tg: &TargetGroupSpec, number: i32, tls: bool, certificates: &[String
     }
 }
 
-/// The managed security group: every listener port open to spec.loadBalancerSourceRanges
-/// (everywhere when empty). `None` when the annotation names the groups.
+/// Who may connect: `spec.loadBalancerSourceRanges`, else the `load-balancer-source-ranges`
+/// annotation, else everywhere (`0.0.0.0/0`, and `::/0` too for dualstack), as LBC.
+fn source_ranges(opts: &LoadBalancerOptions, spec: &ServiceSpec) -> Vec<String> {
+    if let Some(r) = spec.load_balancer_source_ranges.as_deref() {
+        if !r.is_empty() {
+            return r.iter().map(|c| canonical_cidr(c.trim())).collect();
+        }
+    }
+    if let Some(r) = &opts.source_ranges {
+        return r.iter().map(|c| canonical_cidr(c)).collect();
+    }
+    match opts.ip_address_type {
+        IpAddressType::Ipv4 => vec!["0.0.0.0/0".to_string()],
+        IpAddressType::Dualstack => vec!["0.0.0.0/0".to_string(), "::/0".to_string()],
+    }
+}
+
+/// IPv6 CIDRs as EC2 prints them (`2001:DB8:0::/32` → `2001:db8::/32`), so observed and
+/// desired rules compare equal; anything else unchanged.
+fn canonical_cidr(c: &str) -> String {
+    if let Some((addr, len)) = c.split_once('/') {
+        if let Ok(ip) = addr.parse::<std::net::Ipv6Addr>() {
+            return format!("{ip}/{len}");
+        }
+    }
+    c.to_string()
+}
+
+/// The managed security group: every listener port open to the source ranges. `None` when
+/// the annotation names the groups or disables them.
 fn managed_security_group(
     opts: &LoadBalancerOptions,
     spec: &ServiceSpec,
@@ -227,13 +315,10 @@ fn managed_security_group(
     lb_name: &str,
     base_tags: &Tags,
 ) -> Option<SecurityGroupSpec> {
-    if opts.security_groups.is_some() {
+    if opts.security_groups.is_some() || opts.disable_security_group {
         return None;
     }
-    let ranges: Vec<String> = match spec.load_balancer_source_ranges.as_deref() {
-        Some(r) if !r.is_empty() => r.iter().map(|c| c.trim().to_string()).collect(),
-        _ => vec!["0.0.0.0/0".to_string()],
-    };
+    let ranges = source_ranges(opts, spec);
     let mut ingress = BTreeSet::new();
     for l in listeners {
         for p in l.protocol.ip_protocols() {
@@ -306,12 +391,12 @@ pub fn desired_load_balancer(
             health_check_node_port: spec.health_check_node_port,
             node_proxy_port: cluster.node_proxy_health_port,
         },
-        &opts.health_check,
+        &resolve_health_check_port(&opts.health_check, ports, opts.target_type)?,
     );
     let mut listeners = Vec::new();
     let mut target_groups = Vec::new();
     for g in groups.values() {
-        let protocol = g.protocol()?;
+        let protocol = g.protocol(opts.tcp_udp_listener)?;
         // The same check for every group; its error comes after the group's own.
         let hc = health_check.as_ref().map_err(Clone::clone)?;
         let tls =

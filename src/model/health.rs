@@ -99,9 +99,12 @@ pub fn health_check(
             hc.success_codes = None;
         }
     }
-    match o.port {
+    match &o.port {
         Some(HealthCheckPort::TrafficPort) => hc.port = "traffic-port".into(),
         Some(HealthCheckPort::Port(n)) => hc.port = n.to_string(),
+        Some(HealthCheckPort::Name(n)) => {
+            return Err(ModelError::UnknownHealthCheckPort(n.clone()));
+        }
         None => {}
     }
     if let Some(p) = &o.path {

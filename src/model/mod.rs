@@ -146,6 +146,14 @@ pub enum ModelError {
     NoHealthCheckNodePort,
     #[error("ssl-ports names port {0:?}, which the service does not have")]
     UnknownSslPort(String),
+    #[error(
+        "healthcheck-port names port {0:?}, which the service does not have (or, for ip targets, whose targetPort is not a number)"
+    )]
+    UnknownHealthCheckPort(String),
+    #[error(
+        "port {0} has TCP and UDP but enable-tcp-udp-listener is false; one NLB port carries one listener"
+    )]
+    TcpUdpDisabled(i32),
     #[error("service has no metadata.{0}")]
     Incomplete(&'static str),
 }
@@ -162,6 +170,9 @@ pub struct ClusterContext {
     /// load balancer before its proxy stops accepting.
     pub node_proxy_health_port: Option<u16>,
 }
+
+#[cfg(test)]
+mod annotation_tests;
 
 #[cfg(test)]
 mod tests {

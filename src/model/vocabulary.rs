@@ -183,11 +183,13 @@ impl HealthCheckProtocol {
     }
 }
 
-/// Where a health check connects: the traffic port, or a fixed port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a health check connects: the traffic port, a fixed port, or a Service port by name
+/// (resolved by the model: its nodePort for instance targets, its numeric targetPort for ip).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HealthCheckPort {
     TrafficPort,
     Port(u16),
+    Name(String),
 }
 
 /// A Service port named by number or by name (for `ssl-ports`).

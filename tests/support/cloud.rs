@@ -359,7 +359,8 @@ impl TestCloud {
         )
     }
 
-    /// Security groups tagged with this test's cluster: (id, ingress as (protocol, port, cidr)).
+    /// Security groups tagged with this test's cluster: (id, ingress as (protocol, port, cidr)),
+    /// IPv4 (`IpRanges`) and IPv6 (`Ipv6Ranges`) CIDRs alike.
     pub async fn security_groups(&self) -> Vec<(String, BTreeSet<(String, i32, String)>)> {
         let f = Filter::builder()
             .name("tag:cloudlb.io/cluster")
@@ -379,11 +380,13 @@ impl TestCloud {
                     .ip_permissions()
                     .iter()
                     .flat_map(|p| {
-                        p.ip_ranges().iter().map(move |r| {
+                        let v4 = p.ip_ranges().iter().filter_map(|r| r.cidr_ip());
+                        let v6 = p.ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6());
+                        v4.chain(v6).map(move |c| {
                             (
                                 p.ip_protocol().unwrap_or_default().to_string(),
                                 p.from_port().unwrap_or_default(),
-                                r.cidr_ip().unwrap_or_default().to_string(),
+                                c.to_string(),
                             )
                         })
                     })

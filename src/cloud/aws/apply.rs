@@ -236,6 +236,16 @@ impl AwsCloud {
                 })
                 .await?;
             }
+            Change::RemoveTags { arn, keys } => {
+                self.call(ops::REMOVE_TAGS, || {
+                    self.elb
+                        .remove_tags()
+                        .resource_arns(arn)
+                        .set_tag_keys(Some(keys.clone()))
+                        .send()
+                })
+                .await?;
+            }
             Change::CreateListener {
                 load_balancer,
                 listener,
@@ -480,7 +490,8 @@ impl AwsCloud {
     }
 }
 
-/// Ingress rules as EC2 permissions, one per (protocol, port) with all its CIDRs.
+/// Ingress rules as EC2 permissions, one per (protocol, port) with all its CIDRs: IPv4 ones
+/// as `IpRanges`, IPv6 ones as `Ipv6Ranges`.
 pub(super) fn permissions(rules: &[IngressRule]) -> Vec<ec2::types::IpPermission> {
     let mut by_port: BTreeMap<(String, i32), Vec<String>> = BTreeMap::new();
     for r in rules {
@@ -499,7 +510,15 @@ pub(super) fn permissions(rules: &[IngressRule]) -> Vec<ec2::types::IpPermission
                 .set_ip_ranges(Some(
                     cidrs
                         .iter()
+                        .filter(|c| !c.contains(':'))
                         .map(|c| ec2::types::IpRange::builder().cidr_ip(c).build())
+                        .collect(),
+                ))
+                .set_ipv6_ranges(Some(
+                    cidrs
+                        .iter()
+                        .filter(|c| c.contains(':'))
+                        .map(|c| ec2::types::Ipv6Range::builder().cidr_ipv6(c).build())
                         .collect(),
                 ))
                 .build()

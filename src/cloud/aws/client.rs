@@ -79,6 +79,7 @@ pub mod ops {
     use super::Op;
 
     pub const ADD_TAGS: Op = Op::general("AddTags");
+    pub const REMOVE_TAGS: Op = Op::general("RemoveTags");
     pub const AUTHORIZE_SECURITY_GROUP_INGRESS: Op = Op::general("AuthorizeSecurityGroupIngress");
     pub const CREATE_LISTENER: Op = Op::create("CreateListener");
     pub const CREATE_LOAD_BALANCER: Op = Op::create("CreateLoadBalancer");

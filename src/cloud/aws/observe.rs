@@ -230,14 +230,14 @@ impl AwsCloud {
         for p in g.ip_permissions() {
             let protocol = p.ip_protocol().unwrap_or_default().to_string();
             let port = p.from_port().unwrap_or_default();
-            for r in p.ip_ranges() {
-                if let Some(c) = r.cidr_ip() {
-                    ingress.insert(IngressRule {
-                        protocol: protocol.clone(),
-                        port,
-                        cidr: c.to_string(),
-                    });
-                }
+            let v4 = p.ip_ranges().iter().filter_map(|r| r.cidr_ip());
+            let v6 = p.ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6());
+            for c in v4.chain(v6) {
+                ingress.insert(IngressRule {
+                    protocol: protocol.clone(),
+                    port,
+                    cidr: c.to_string(),
+                });
             }
         }
         Ok(Some(ObservedSecurityGroup {
@@ -294,9 +294,19 @@ impl AwsCloud {
             });
         }
         let (attrs, listeners) = if identities_only {
+            // Teardown still reads the attributes: deletion protection decides whether the
+            // load balancer may be deleted (LocalStack does not enforce it; AWS does).
             use aws_sdk_elasticloadbalancingv2::operation as elb_op;
+            let attrs = self
+                .call(ops::DESCRIBE_LOAD_BALANCER_ATTRIBUTES, || {
+                    self.elb
+                        .describe_load_balancer_attributes()
+                        .load_balancer_arn(&arn)
+                        .send()
+                })
+                .await?;
             (
-                elb_op::describe_load_balancer_attributes::DescribeLoadBalancerAttributesOutput::builder().build(),
+                attrs,
                 elb_op::describe_listeners::DescribeListenersOutput::builder().build(),
             )
         } else {

@@ -100,6 +100,9 @@ pub enum Next {
         desired: Box<DesiredLoadBalancer>,
         desired_hash: u64,
         query: StackQuery,
+        /// Annotation warnings (unknown keys, deprecated names): Warning Events; the sync
+        /// goes on.
+        warnings: Vec<String>,
     },
     /// Delete everything `query` finds, then the finalizer.
     Teardown { query: StackQuery, still_ours: bool },
@@ -115,8 +118,16 @@ pub fn is_ours(svc: &Service, cluster: &ClusterArgs) -> bool {
     }
     match spec.load_balancer_class.as_deref() {
         Some(c) => c == cluster.load_balancer_class,
-        None => cluster.default_class,
+        None => cluster.default_class && (cluster.default_class_all || handed_to_external(svc)),
     }
+}
+
+/// Whether a class-less Service says it is not for the cloud provider's service controller:
+/// `aws-load-balancer-type: external` or `nlb-ip`, the values the in-tree AWS provider skips.
+fn handed_to_external(svc: &Service) -> bool {
+    svc.annotations()
+        .get(&annotations::key("type"))
+        .is_some_and(|t| matches!(t.trim(), "external" | "nlb-ip"))
 }
 
 /// Whether the Service names a load balancer class other than ours.
@@ -195,7 +206,8 @@ pub fn decide(v: &View) -> Next {
             holder: holder.clone(),
         };
     }
-    let desired_hash = hash_of(&desired);
+    // Warnings are part of what was last synced, so a new typo is reported at once.
+    let desired_hash = hash_of(&(&desired, &opts.warnings));
     if let Some(a) = &v.applied {
         if v.now.saturating_duration_since(a.at) < v.resync {
             if a.desired_hash == desired_hash {
@@ -227,6 +239,7 @@ pub fn decide(v: &View) -> Next {
         desired: Box::new(desired),
         desired_hash,
         query,
+        warnings: opts.warnings,
     }
 }
 
@@ -365,7 +378,7 @@ pub fn name_from_hostname(host: &str) -> Option<String> {
     (!name.is_empty() && name.len() <= 32).then(|| name.to_string())
 }
 
-pub(crate) fn hash_of(d: &DesiredLoadBalancer) -> u64 {
+pub(crate) fn hash_of(d: &impl std::fmt::Debug) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     format!("{d:?}").hash(&mut h);
     h.finish()
@@ -438,6 +451,7 @@ mod tests {
             cluster_name: "c".into(),
             load_balancer_class: "cloudlb.io/nlb".into(),
             default_class,
+            default_class_all: false,
             region: None,
             keep_not_ready_nodes: false,
             not_ready_guard_percent: 50,
@@ -446,29 +460,54 @@ mod tests {
         }
     }
 
-    fn svc(type_: &str, class: Option<&str>) -> Service {
+    fn svc_typed(type_: &str, class: Option<&str>, lb_type: Option<&str>) -> Service {
+        let ann: BTreeMap<String, String> = lb_type
+            .map(|t| (annotations::key("type"), t.to_string()))
+            .into_iter()
+            .collect();
         serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "s", "namespace": "n"},
+            "metadata": {"name": "s", "namespace": "n", "annotations": ann},
             "spec": {"type": type_, "loadBalancerClass": class}
         }))
         .unwrap()
     }
 
     #[test]
-    fn ownership_by_type_and_class() {
+    fn ownership_by_type_class_and_default_class_flags() {
+        // (type, class, type annotation, --default-class, --default-class-all, ours)
         let cases = [
-            ("LoadBalancer", Some("cloudlb.io/nlb"), false, true),
-            ("LoadBalancer", Some("other.io/lb"), true, false),
-            ("LoadBalancer", None, false, false),
-            ("LoadBalancer", None, true, true),
-            ("NodePort", Some("cloudlb.io/nlb"), true, false),
-            ("ClusterIP", None, true, false),
+            (
+                "LoadBalancer",
+                Some("cloudlb.io/nlb"),
+                None,
+                false,
+                false,
+                true,
+            ),
+            (
+                "LoadBalancer",
+                Some("other.io/lb"),
+                Some("external"),
+                true,
+                true,
+                false,
+            ),
+            ("LoadBalancer", None, Some("external"), false, false, false),
+            ("LoadBalancer", None, None, true, false, false),
+            ("LoadBalancer", None, Some("nlb"), true, false, false),
+            ("LoadBalancer", None, Some("external"), true, false, true),
+            ("LoadBalancer", None, Some("nlb-ip"), true, false, true),
+            ("LoadBalancer", None, None, true, true, true),
+            ("NodePort", Some("cloudlb.io/nlb"), None, true, true, false),
+            ("ClusterIP", None, Some("external"), true, true, false),
         ];
-        for (t, class, default, want) in cases {
+        for (t, class, lb_type, default, all, want) in cases {
+            let mut c = cluster(default);
+            c.default_class_all = all;
             assert_eq!(
-                is_ours(&svc(t, class), &cluster(default)),
+                is_ours(&svc_typed(t, class, lb_type), &c),
                 want,
-                "{t} {class:?} default={default}"
+                "{t} {class:?} {lb_type:?} default={default} all={all}"
             );
         }
     }

@@ -20,7 +20,7 @@ use super::events::Note;
 use super::memory::{Failures, NameSets, PerObject, backoff};
 use super::writes::normal;
 use super::{Context, status};
-use crate::cloud::plan::Change;
+use crate::cloud::plan::{self, Change, DeletionProtection};
 use crate::cloud::{Cloud, CloudError, Plan, StackQuery};
 use crate::model::DesiredLoadBalancer;
 pub use decide::{
@@ -35,6 +35,10 @@ pub enum ReconcileError {
     Cloud(#[from] CloudError),
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// Teardown found the load balancer deletion-protected and the Service does not turn
+    /// protection off: nothing deleted, retried with backoff.
+    #[error("load balancer {0} has deletion protection on")]
+    DeletionProtected(String),
 }
 
 /// The Service controller's per-Service memory.
@@ -201,7 +205,15 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Reconci
             desired,
             desired_hash,
             query,
-        } => sync(svc, ctx, *desired, desired_hash, &query).await,
+            warnings,
+        } => {
+            if !warnings.is_empty() {
+                // One Event: the recorder folds Events of one reason into a series.
+                let note = Note::warning("AnnotationWarning", "Sync", warnings.join("; "));
+                ctx.writes.event(svc, note).await;
+            }
+            sync(svc, ctx, *desired, desired_hash, &query).await
+        }
         Next::Teardown { query, still_ours } => {
             cleanup(svc, ctx, &query, still_ours).await?;
             Ok(Action::await_change())
@@ -524,6 +536,20 @@ async fn cleanup(
         Ok(o) => o,
         Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
     };
+    if let DeletionProtection::Blocked(name) =
+        plan::deletion_protection(&observed, says_protection_off(svc))
+    {
+        let note = Note::warning(
+            "DeletionProtected",
+            "Delete",
+            format!(
+                "load balancer {name} has deletion_protection.enabled=true, so nothing was deleted and the finalizer stays; set the annotation {}: deletion_protection.enabled=false (cloudlb then turns it off and deletes) or turn it off in AWS",
+                crate::annotations::key("attributes")
+            ),
+        );
+        ctx.writes.event(svc, note).await;
+        return Err(ReconcileError::DeletionProtected(name));
+    }
     let plan = Plan::new(None, observed);
     if !plan.changes.is_empty() {
         let note = normal("DeletingLoadBalancer", "Deleting load balancer");
@@ -545,6 +571,15 @@ async fn cleanup(
         .managed_load_balancers
         .set(ctx.services_memory.managed());
     Ok(())
+}
+
+/// Whether the Service's own annotations say `deletion_protection.enabled=false`.
+fn says_protection_off(svc: &Service) -> bool {
+    crate::annotations::parse(svc.annotations()).is_ok_and(|o| {
+        o.load_balancer_attributes
+            .get(plan::DELETION_PROTECTION)
+            .is_some_and(|v| v == "false")
+    })
 }
 
 /// Notes, before applying, the target groups `changes` will create: if the plan stops half
