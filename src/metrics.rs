@@ -40,6 +40,7 @@ pub struct ControllerMetrics {
     pub binding_reconcile_seconds: Histogram,
     pub managed_load_balancers: Gauge,
     pub orphans_deleted: Counter,
+    pub not_ready_withheld: Counter,
     pub leader: Gauge,
     registry: Arc<Registry>,
 }
@@ -89,6 +90,12 @@ impl ControllerMetrics {
             "Cloud resources deleted by the orphan sweep",
             orphans_deleted.clone(),
         );
+        let not_ready_withheld = Counter::default();
+        r.register(
+            "not_ready_targets_withheld",
+            "NotReady nodes kept registered by the NotReady guard, counted per Service reconcile",
+            not_ready_withheld.clone(),
+        );
         let leader = Gauge::default();
         r.register(
             "leader",
@@ -103,6 +110,7 @@ impl ControllerMetrics {
             binding_reconcile_seconds,
             managed_load_balancers,
             orphans_deleted,
+            not_ready_withheld,
             leader,
             registry: Arc::new(r),
         }

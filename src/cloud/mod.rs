@@ -62,6 +62,9 @@ pub struct StackQuery {
     /// Teardown: a same-named resource that is not ours is simply not part of the stack
     /// (instead of an error that would block the Service's deletion).
     pub skip_foreign: bool,
+    /// Teardown: read only what names each resource (ARNs, ids, ownership), not attributes,
+    /// listeners or targets, which a deletion does not need.
+    pub identities_only: bool,
 }
 
 /// A plan ready to deploy: the changes, with the observed stack they start from and the

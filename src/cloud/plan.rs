@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::cloud::ResourceKind;
 use crate::model::{
     Attributes, DesiredLoadBalancer, HealthCheckSpec, IngressRule, IpAddressType, ListenerSpec,
     Protocol, Scheme, SecurityGroupSpec, Target, TargetGroupSpec,
@@ -190,6 +191,54 @@ impl Change {
             Change::DeleteSecurityGroup { .. } => "DeleteSecurityGroup",
         }
     }
+}
+
+/// Where a change may run when a plan is deployed: changes in the plan's leading run of
+/// target-group and load-balancer work run in two lanes side by side; everything from the
+/// first change of another kind on runs after both, in plan order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Target groups, their settings and new targets.
+    TargetGroups,
+    /// The managed security group and the load balancer itself.
+    LoadBalancer,
+    /// Listeners, deregistrations, deletions and anything new: after both lanes, in order.
+    Sequential,
+}
+
+impl Change {
+    /// This change's [`Lane`].
+    pub fn lane(&self) -> Lane {
+        match self {
+            Change::CreateTargetGroup(_)
+            | Change::ModifyTargetGroupHealthCheck { .. }
+            | Change::ModifyTargetGroupAttributes { .. }
+            | Change::RegisterTargets { .. } => Lane::TargetGroups,
+            Change::AddTags { arn, .. } if ResourceKind::of(arn) == ResourceKind::TargetGroup => {
+                Lane::TargetGroups
+            }
+            Change::AddTags { .. }
+            | Change::CreateSecurityGroup(_)
+            | Change::AuthorizeIngress { .. }
+            | Change::CreateLoadBalancer(_)
+            | Change::SetIpAddressType { .. }
+            | Change::ModifyLoadBalancerAttributes { .. }
+            | Change::SetSecurityGroups { .. } => Lane::LoadBalancer,
+            _ => Lane::Sequential,
+        }
+    }
+}
+
+/// The plan as deployed: the target-group lane and the load-balancer lane of its leading
+/// run (each in plan order), and the rest.
+pub fn lanes(changes: &[Change]) -> (Vec<&Change>, Vec<&Change>, &[Change]) {
+    let lead = changes
+        .iter()
+        .position(|c| c.lane() == Lane::Sequential)
+        .unwrap_or(changes.len());
+    let (head, rest) = changes.split_at(lead);
+    let (groups, balancer) = head.iter().partition(|c| c.lane() == Lane::TargetGroups);
+    (groups, balancer, rest)
 }
 
 impl fmt::Display for TargetGroupRef {
@@ -930,5 +979,38 @@ mod tests {
             "{}",
             cs[0]
         );
+    }
+
+    #[test]
+    fn a_create_runs_target_groups_beside_the_load_balancer_and_listeners_after_both() {
+        let d = desired(30080, &["a"]);
+        let cs = plan(Some(&d), &ObservedStack::default());
+        let (groups, balancer, rest) = lanes(&cs);
+        let names = |v: &[&Change]| v.iter().map(|c| c.kind()).collect::<Vec<_>>();
+        assert_eq!(names(&groups), ["CreateTargetGroup", "RegisterTargets"]);
+        assert_eq!(
+            names(&balancer),
+            ["CreateSecurityGroup", "CreateLoadBalancer"]
+        );
+        assert_eq!(kinds(rest), ["CreateListener"]);
+        // Every change is deployed exactly once.
+        assert_eq!(groups.len() + balancer.len() + rest.len(), cs.len());
+    }
+
+    #[test]
+    fn nothing_after_the_first_sequential_change_joins_a_lane() {
+        let d = desired(30080, &["a"]);
+        let mut cs = plan(Some(&d), &ObservedStack::default());
+        cs.insert(
+            1,
+            Change::DeleteTargetGroup {
+                arn: "arn:x:targetgroup/old/1".into(),
+                name: "old".into(),
+            },
+        );
+        let (groups, balancer, rest) = lanes(&cs);
+        assert_eq!(groups.len(), 1);
+        assert!(balancer.is_empty());
+        assert_eq!(rest.len(), cs.len() - 1);
     }
 }

@@ -65,6 +65,13 @@ pub struct ClusterArgs {
     /// Kubernetes service controller does since 1.30. Default: NotReady nodes are deregistered.
     #[arg(long, env = "CLOUDLB_KEEP_NOT_READY_NODES")]
     pub keep_not_ready_nodes: bool,
+    /// When more than this percentage of a Service's nodes is NotReady at once, none of them is
+    /// deregistered (a Warning and `cloudlb_not_ready_targets_withheld_total` say so): a
+    /// cluster-wide NotReady blip must not empty every target group. Deleted nodes always go.
+    /// 100 turns the guard off.
+    #[arg(long, env = "CLOUDLB_NOT_READY_GUARD_PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub not_ready_guard_percent: u8,
     /// cloudlb's node proxy serves the NodePorts and its admin server listens on this port:
     /// externalTrafficPolicy Cluster target groups then health-check `HTTP /readyz` there,
     /// which fails as soon as the proxy starts draining (instead of TCP on the traffic port).
@@ -362,6 +369,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let node_stream = reflector::reflector(
         node_writer,
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .modify(trim_node)
             .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_nodes))
@@ -393,6 +401,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
         )
+        .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
         .backoff(watch_backoff()),
     )
     .inspect(move |ev| relisted(ev, &relist_slices))
@@ -409,6 +418,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
         )
+        .modify(|s: &mut Service| s.managed_fields_mut().clear())
         .backoff(watch_backoff()),
     )
     .inspect(mark_synced(services_synced.clone()))
@@ -697,6 +707,16 @@ fn watch_backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
 }
 
 /// The part of a Node that decides whether (and where) it receives traffic.
+/// Drops what the controller never reads from a cached Node: managedFields and the image
+/// list (often the largest part of a real node's status), so a large cluster's cache stays
+/// small.
+fn trim_node(n: &mut Node) {
+    n.managed_fields_mut().clear();
+    if let Some(status) = n.status.as_mut() {
+        status.images = None;
+    }
+}
+
 fn node_relevance(n: &Node) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();

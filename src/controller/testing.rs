@@ -203,10 +203,15 @@ impl World {
 
     /// Adds a Ready node backed by EC2 instance `instance`.
     pub fn add_node(&mut self, name: &str, instance: &str) {
+        self.set_node(name, instance, true);
+    }
+
+    /// Adds or replaces a node backed by EC2 instance `instance`, Ready or not.
+    pub fn set_node(&mut self, name: &str, instance: &str, ready: bool) {
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": name},
             "spec": {"providerID": format!("aws:///us-east-1a/{instance}")},
-            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
         }))
         .expect("node");
         self.nodes.apply_watcher_event(&watcher::Event::Apply(node));
@@ -234,6 +239,7 @@ pub fn cluster() -> ClusterArgs {
         default_class: false,
         region: None,
         keep_not_ready_nodes: false,
+        not_ready_guard_percent: 50,
         node_proxy_health_port: None,
         node_selector: BTreeMap::new(),
     }

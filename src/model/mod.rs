@@ -20,8 +20,8 @@ pub use build::desired_load_balancer;
 pub use health::{HealthCheckOverrides, HealthCheckSpec};
 pub use names::load_balancer_name;
 pub use nodes::{
-    SERVICE_NAME_LABEL, eligible_nodes, endpoint_targets, instance_id_from_provider_id, node_ready,
-    slices_of_service,
+    SERVICE_NAME_LABEL, Withheld, eligible_nodes, endpoint_targets, guarded_eligible_nodes,
+    instance_id_from_provider_id, node_ready, slices_of_service,
 };
 pub use vocabulary::{
     Attributes, HealthCheckPort, HealthCheckProtocol, IpAddressType, PortRef, Protocol, Scheme,

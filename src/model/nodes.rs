@@ -52,6 +52,41 @@ pub fn eligible_nodes<N: Borrow<Node>>(
     out
 }
 
+/// NotReady nodes a guard kept registered: `not_ready` of `candidates` turned NotReady, more
+/// than the guard's share, which looks like a control-plane or network blip rather than that
+/// many dead machines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Withheld {
+    pub not_ready: usize,
+    pub candidates: usize,
+}
+
+/// [`eligible_nodes`] with the NotReady guard (a panic threshold, as NLBs fail open when every
+/// target is unhealthy): when more than `guard_percent` % of the nodes that qualify but for
+/// readiness are NotReady, all of them stay targets and the health checks decide. Nodes that
+/// are gone from the cluster (or tainted for removal, excluded, deleting) are never kept.
+pub fn guarded_eligible_nodes<N: Borrow<Node>>(
+    nodes: &[N],
+    selector: &BTreeMap<String, String>,
+    include_not_ready: bool,
+    guard_percent: u8,
+) -> (Vec<NodeTarget>, Option<Withheld>) {
+    let ready = eligible_nodes(nodes, selector, include_not_ready);
+    if include_not_ready {
+        return (ready, None);
+    }
+    let candidates = eligible_nodes(nodes, selector, true);
+    let not_ready = candidates.len() - ready.len();
+    if not_ready * 100 > usize::from(guard_percent) * candidates.len() {
+        let withheld = Withheld {
+            not_ready,
+            candidates: candidates.len(),
+        };
+        return (candidates, Some(withheld));
+    }
+    (ready, None)
+}
+
 /// Whether the node's Ready condition is True.
 pub fn node_ready(n: &Node) -> bool {
     n.status
@@ -110,4 +145,44 @@ where
         })
         .map(|s| (**s).clone())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, ready: bool) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"providerID": format!("aws:///us-east-1a/i-{name}")},
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_not_ready_guard_keeps_nodes_only_past_its_share() {
+        // (ready, not ready, guard %, include_not_ready) → (targets, withheld)
+        let cases = [
+            (4, 0, 50, false, 4, false),
+            (3, 1, 50, false, 3, false),
+            (2, 2, 50, false, 2, false),
+            (1, 3, 50, false, 4, true),
+            (0, 2, 50, false, 2, true),
+            (0, 2, 100, false, 0, false),
+            (3, 1, 0, false, 4, true),
+            (1, 3, 50, true, 4, false),
+            (0, 0, 50, false, 0, false),
+        ];
+        for (ready, not_ready, guard, include, want, withheld) in cases {
+            let mut ns: Vec<Node> = (0..ready).map(|i| node(&format!("r{i}"), true)).collect();
+            ns.extend((0..not_ready).map(|i| node(&format!("n{i}"), false)));
+            let (targets, w) = guarded_eligible_nodes(&ns, &BTreeMap::new(), include, guard);
+            assert_eq!(
+                (targets.len(), w.is_some()),
+                (want, withheld),
+                "{ready} ready, {not_ready} not, guard {guard}, include {include}"
+            );
+        }
+    }
 }

@@ -15,7 +15,7 @@ use super::convert::*;
 use crate::cloud::plan::{
     Change, LoadBalancerRef, ObservedStack, SecurityGroupRef, TargetGroupRef,
 };
-use crate::cloud::{CloudError, Deployed, Plan};
+use crate::cloud::{CloudError, Deployed, Plan, plan};
 use crate::model::{DesiredLoadBalancer, HealthCheckSpec, IngressRule, TargetGroupSpec, tags};
 
 /// Arns learned while applying a plan (existing ones from observation, new ones on create).
@@ -85,17 +85,40 @@ impl ApplyState {
 }
 
 impl AwsCloud {
-    /// Applies a plan's changes in order, stopping at the first failure.
+    /// Applies a plan: its target-group lane and its load-balancer lane side by side (see
+    /// [`plan::lanes`]), each in order and stopping at its first failure, then the rest in
+    /// order, stopping at the first failure.
     pub async fn deploy(&self, plan: &Plan) -> Result<Deployed, CloudError> {
-        let mut st = ApplyState::from_observed(&plan.observed);
-        for c in &plan.changes {
-            tracing::info!(change = %c, "applying");
-            self.apply(c, plan.desired.as_ref(), &mut st).await?;
-        }
+        let start = ApplyState::from_observed(&plan.observed);
+        let (groups, balancer, rest) = plan::lanes(&plan.changes);
+        let (mut groups_state, mut st) = (start.clone(), start);
+        let desired = plan.desired.as_ref();
+        let (groups_done, balancer_done) = tokio::join!(
+            self.apply_in_order(groups.into_iter(), desired, &mut groups_state),
+            self.apply_in_order(balancer.into_iter(), desired, &mut st),
+        );
+        groups_done?;
+        balancer_done?;
+        // The target-group lane owns the group ARNs; the other lane owns the rest.
+        st.target_group_arns = groups_state.target_group_arns;
+        self.apply_in_order(rest.iter(), desired, &mut st).await?;
         Ok(Deployed {
             dns_name: st.dns_name,
             target_group_arns: st.target_group_arns,
         })
+    }
+
+    async fn apply_in_order(
+        &self,
+        changes: impl Iterator<Item = &Change>,
+        desired: Option<&DesiredLoadBalancer>,
+        st: &mut ApplyState,
+    ) -> Result<(), CloudError> {
+        for c in changes {
+            tracing::info!(change = %c, "applying");
+            self.apply(c, desired, st).await?;
+        }
+        Ok(())
     }
 
     /// Applies one change; `desired` supplies the placement of new resources.

@@ -20,13 +20,30 @@ impl AwsCloud {
     /// Reads everything the Service owns. Reads scale with the Service (its names), never with
     /// the account. A same-named resource that is not ours is reported, never adopted.
     pub async fn observe(&self, q: &StackQuery) -> Result<ObservedStack, CloudError> {
+        // The security group is found by its own name: looked up while the rest is read.
+        let (mut stack, security_group) = tokio::try_join!(
+            self.observe_load_balancer_and_groups(q),
+            self.find_security_group(&q.load_balancer_names, &q.service)
+        )?;
+        stack.security_group = security_group;
+        Ok(stack)
+    }
+
+    /// The load balancer (with its listeners) and the target groups of a stack.
+    async fn observe_load_balancer_and_groups(
+        &self,
+        q: &StackQuery,
+    ) -> Result<ObservedStack, CloudError> {
         let mut stack = ObservedStack::default();
         let mut seen = BTreeSet::new();
         for name in &q.load_balancer_names {
             if !seen.insert(name.clone()) {
                 continue;
             }
-            let lb = match self.find_load_balancer(name, &q.service).await {
+            let lb = match self
+                .find_load_balancer(name, &q.service, q.identities_only)
+                .await
+            {
                 Ok(Some((lb, duplicates))) => {
                     stack.duplicate_load_balancers.extend(duplicates);
                     lb
@@ -39,7 +56,8 @@ impl AwsCloud {
                 stack.load_balancer = Some(lb);
             }
         }
-        let mut tg_arns: Vec<String> = Vec::new();
+        // The groups behind the load balancer's listeners: one call, full descriptions.
+        let mut found = Vec::new();
         if let Some(lb) = &stack.load_balancer {
             let arn = lb.arn.clone();
             let res = self
@@ -51,53 +69,44 @@ impl AwsCloud {
                 })
                 .await;
             match res {
-                Ok(out) => tg_arns.extend(
-                    out.target_groups()
-                        .iter()
-                        .filter_map(|t| t.target_group_arn().map(str::to_string)),
-                ),
+                Ok(out) => found.extend(out.target_groups().to_vec()),
                 // A load balancer without listeners (a crash right after CreateLoadBalancer):
                 // LocalStack answers TargetGroupNotFound where AWS answers an empty list.
                 Err(e) if not_found(&e, &["TargetGroupNotFound"]) => {}
                 Err(e) => return Err(e),
             }
         }
-        let mut found = Vec::new();
-        if !tg_arns.is_empty() {
-            let arns = tg_arns.clone();
-            let out = self
-                .call(ops::DESCRIBE_TARGET_GROUPS, || {
-                    self.elb
-                        .describe_target_groups()
-                        .set_target_group_arns(Some(arns.clone()))
-                        .send()
-                })
-                .await?;
-            found.extend(out.target_groups().to_vec());
-        }
-        for name in &q.target_group_names {
-            if found
-                .iter()
-                .any(|t| t.target_group_name() == Some(name.as_str()))
-            {
-                continue;
-            }
+        // Desired groups no listener points at yet, looked up by name, all at once (one name
+        // per call: a batch of names fails whole when one of them does not exist).
+        let missing: Vec<&String> = q
+            .target_group_names
+            .iter()
+            .filter(|n| {
+                !found
+                    .iter()
+                    .any(|t| t.target_group_name() == Some(n.as_str()))
+            })
+            .collect();
+        let by_name = futures::future::try_join_all(missing.into_iter().map(|name| async move {
             let res = self
                 .call(ops::DESCRIBE_TARGET_GROUPS, || {
                     self.elb.describe_target_groups().names(name).send()
                 })
                 .await;
             match res {
-                Ok(out) => found.extend(out.target_groups().to_vec()),
-                Err(e) if not_found(&e, &["TargetGroupNotFound"]) => {}
-                Err(e) => return Err(e),
+                Ok(out) => Ok(out.target_groups().to_vec()),
+                Err(e) if not_found(&e, &["TargetGroupNotFound"]) => Ok(Vec::new()),
+                Err(e) => Err(e),
             }
-        }
+        }))
+        .await?;
+        found.extend(by_name.into_iter().flatten());
         let arns: Vec<String> = found
             .iter()
             .filter_map(|t| t.target_group_arn().map(str::to_string))
             .collect();
         let tag_map = self.tags_of(&arns).await?;
+        let mut ours = Vec::new();
         for tg in found {
             let Some(arn) = tg.target_group_arn().map(str::to_string) else {
                 continue;
@@ -113,19 +122,27 @@ impl AwsCloud {
                 }
                 continue; // attached to our LB but not ours: never touched
             }
-            stack.target_groups.push(ObservedTargetGroup {
-                health_check: observed_health_check(&tg),
-                protocol: tg.protocol().and_then(|p| Protocol::from_aws(p.as_str())),
-                port: tg.port().unwrap_or_default(),
-                attributes: self.target_group_attributes(&arn).await?,
-                targets: self.targets_of(&arn).await?,
-                tags: t,
-                name,
-                arn,
-            });
+            ours.push((tg, arn, name, t));
         }
-        stack.security_group = self
-            .find_security_group(&q.load_balancer_names, &q.service)
+        // Attributes and targets of every group at once.
+        stack.target_groups =
+            futures::future::try_join_all(ours.into_iter().map(|(tg, arn, name, t)| async move {
+                let (attributes, targets) = if q.identities_only {
+                    Default::default()
+                } else {
+                    tokio::try_join!(self.target_group_attributes(&arn), self.targets_of(&arn))?
+                };
+                Ok::<_, CloudError>(ObservedTargetGroup {
+                    health_check: observed_health_check(&tg),
+                    protocol: tg.protocol().and_then(|p| Protocol::from_aws(p.as_str())),
+                    port: tg.port().unwrap_or_default(),
+                    attributes,
+                    targets,
+                    tags: t,
+                    name,
+                    arn,
+                })
+            }))
             .await?;
         Ok(stack)
     }
@@ -195,6 +212,7 @@ impl AwsCloud {
         &self,
         name: &str,
         service: &str,
+        identities_only: bool,
     ) -> Result<Option<(ObservedLoadBalancer, Vec<(String, String)>)>, CloudError> {
         let res = self
             .call(ops::DESCRIBE_LOAD_BALANCERS, || {
@@ -230,19 +248,25 @@ impl AwsCloud {
                 name: name.to_string(),
             });
         }
-        let attrs = self
-            .call(ops::DESCRIBE_LOAD_BALANCER_ATTRIBUTES, || {
-                self.elb
-                    .describe_load_balancer_attributes()
-                    .load_balancer_arn(&arn)
-                    .send()
-            })
-            .await?;
-        let listeners = self
-            .call(ops::DESCRIBE_LISTENERS, || {
-                self.elb.describe_listeners().load_balancer_arn(&arn).send()
-            })
-            .await?;
+        let (attrs, listeners) = if identities_only {
+            use aws_sdk_elasticloadbalancingv2::operation as elb_op;
+            (
+                elb_op::describe_load_balancer_attributes::DescribeLoadBalancerAttributesOutput::builder().build(),
+                elb_op::describe_listeners::DescribeListenersOutput::builder().build(),
+            )
+        } else {
+            tokio::try_join!(
+                self.call(ops::DESCRIBE_LOAD_BALANCER_ATTRIBUTES, || {
+                    self.elb
+                        .describe_load_balancer_attributes()
+                        .load_balancer_arn(&arn)
+                        .send()
+                }),
+                self.call(ops::DESCRIBE_LISTENERS, || {
+                    self.elb.describe_listeners().load_balancer_arn(&arn).send()
+                })
+            )?
+        };
         let observed = ObservedLoadBalancer {
             name: lb.load_balancer_name().unwrap_or_default().to_string(),
             dns_name: lb.dns_name().unwrap_or_default().to_string(),

@@ -205,11 +205,7 @@ pub fn decide(v: &View) -> Next {
 
 /// The desired load balancer from the Service and the caches.
 pub fn desire(v: &View, opts: &LoadBalancerOptions) -> Result<DesiredLoadBalancer, ModelError> {
-    let eligible = model::eligible_nodes(
-        v.nodes,
-        &node_selector(v.cluster, opts),
-        v.cluster.keep_not_ready_nodes,
-    );
+    let (eligible, _) = target_nodes(v, opts);
     let slices = if opts.target_type == TargetType::Ip {
         model::slices_of_service(
             v.slices,
@@ -220,6 +216,29 @@ pub fn desire(v: &View, opts: &LoadBalancerOptions) -> Result<DesiredLoadBalance
         Vec::new()
     };
     model::desired_load_balancer(v.svc, opts, &eligible, &slices, &v.cluster.context())
+}
+
+/// The Service's target nodes, and what the NotReady guard kept (see
+/// [`model::guarded_eligible_nodes`]).
+fn target_nodes(
+    v: &View,
+    opts: &LoadBalancerOptions,
+) -> (Vec<model::NodeTarget>, Option<model::Withheld>) {
+    model::guarded_eligible_nodes(
+        v.nodes,
+        &node_selector(v.cluster, opts),
+        v.cluster.keep_not_ready_nodes,
+        v.cluster.not_ready_guard_percent,
+    )
+}
+
+/// NotReady nodes the guard keeps as targets of this instance-target Service right now.
+pub fn withheld(v: &View) -> Option<model::Withheld> {
+    let opts = annotations::parse(v.svc.annotations()).ok()?;
+    if opts.target_type != TargetType::Instance {
+        return None;
+    }
+    target_nodes(v, &opts).1
 }
 
 /// What a teardown looks at: the load balancer names a sync would (and the default one), the
@@ -287,6 +306,7 @@ fn query(
             .map(|d| d.target_groups.iter().map(|t| t.name.clone()).collect())
             .unwrap_or_default(),
         skip_foreign: desired.is_none(),
+        identities_only: desired.is_none(),
     }
 }
 
@@ -381,6 +401,7 @@ mod tests {
             default_class,
             region: None,
             keep_not_ready_nodes: false,
+            not_ready_guard_percent: 50,
             node_proxy_health_port: None,
             node_selector: BTreeMap::new(),
         }

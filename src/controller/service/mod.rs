@@ -142,7 +142,16 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Reconci
     if !ctx.stores_synced() {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    match with_view(svc, ctx, decide) {
+    let next = with_view(svc, ctx, decide);
+    if matches!(
+        next,
+        Next::Sync { .. } | Next::Retarget { .. } | Next::UpToDate
+    ) {
+        if let Some(w) = with_view(svc, ctx, decide::withheld) {
+            withheld_warning(svc, ctx, w).await;
+        }
+    }
+    match next {
         Next::Ignore => Ok(Action::await_change()),
         Next::Invalid { reason, message } => invalid(svc, ctx, reason, &message).await,
         Next::UpToDate => Ok(Action::requeue(ctx.resync)),
@@ -180,7 +189,7 @@ async fn sync(
     };
     let name = desired.name.clone();
     let plan = Plan::new(Some(desired), observed);
-    let (hostname, arns) = if plan.changes.is_empty() {
+    let (hostname, arns, note) = if plan.changes.is_empty() {
         let arns = plan
             .observed
             .target_groups
@@ -192,15 +201,18 @@ async fn sync(
             .load_balancer
             .as_ref()
             .map(|l| l.dns_name.clone());
-        (hostname, arns)
+        (hostname, arns, None)
     } else {
         let creating = plan.observed.load_balancer.is_none();
-        if creating {
-            let note = normal("EnsuringLoadBalancer", "Ensuring load balancer");
-            ctx.writes.event(svc, note).await;
-        }
         remember_created(&plan.changes, ctx, &key);
-        let deployed = match ctx.cloud.deploy(&plan).await {
+        // The Event is not on the way to the hostname: it is written while AWS works.
+        let deployed = if creating {
+            let note = normal("EnsuringLoadBalancer", "Ensuring load balancer");
+            tokio::join!(ctx.writes.event(svc, note), ctx.cloud.deploy(&plan)).1
+        } else {
+            ctx.cloud.deploy(&plan).await
+        };
+        let deployed = match deployed {
             Ok(d) => d,
             Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
         };
@@ -216,9 +228,8 @@ async fn sync(
                 format!("Updated load balancer {name}: {summary}"),
             )
         };
-        ctx.writes.event(svc, note).await;
         info!(changes = plan.changes.len(), %summary, "load balancer synced");
-        (deployed.dns_name, deployed.target_group_arns)
+        (deployed.dns_name, deployed.target_group_arns, Some(note))
     };
     let desired = plan.desired.as_ref().ok_or_else(|| {
         ReconcileError::Cloud(CloudError::Internal("sync without desired state".into()))
@@ -237,6 +248,10 @@ async fn sync(
             },
         )
         .await?;
+    // After the status: the hostname does not wait for the Event.
+    if let Some(note) = note {
+        ctx.writes.event(svc, note).await;
+    }
     ctx.services_memory.applied.insert(
         key,
         Applied {
@@ -334,6 +349,24 @@ async fn retarget(
         ctx.services_memory.applied.insert(key, a);
     }
     Ok(Action::requeue(ctx.resync))
+}
+
+/// The NotReady guard kept nodes registered: a Warning and the metric.
+async fn withheld_warning(svc: &Service, ctx: &Context, w: crate::model::Withheld) {
+    ctx.metrics.not_ready_withheld.inc_by(w.not_ready as u64);
+    warn!(
+        not_ready = w.not_ready,
+        nodes = w.candidates,
+        "NotReady guard: keeping nodes registered"
+    );
+    let note = format!(
+        "{} of {} target nodes are NotReady at once (more than --not-ready-guard-percent={}%); \
+         keeping all of them registered and leaving them to the health checks",
+        w.not_ready, w.candidates, ctx.cluster.not_ready_guard_percent
+    );
+    ctx.writes
+        .event(svc, Note::warning("DeregistrationWithheld", "Sync", note))
+        .await;
 }
 
 /// A Warning Event with AWS's message; the error goes on to the backoff.

@@ -259,3 +259,29 @@ async fn a_stale_cache_after_our_own_writes_costs_no_cloud_call() {
     run(&w, &svc).await.unwrap();
     assert_eq!(w.journal.with_prefix("cloud:"), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn most_nodes_not_ready_at_once_stay_registered_with_a_warning() {
+    let mut w = World::new(4);
+    let svc = synced(&w, &lb_service("shop", "web", 30080)).await;
+    // One of four NotReady: below the 50 % guard, deregistered.
+    w.set_node("n0", "i-0", false);
+    run(&w, &svc).await.unwrap();
+    assert_eq!(w.cloud.targets_of("shop/web"), ["i-1", "i-2", "i-3"]);
+    // Three of four: a blip, not three dead machines; nothing is deregistered.
+    w.set_node("n1", "i-1", false);
+    w.set_node("n2", "i-2", false);
+    w.journal.clear();
+    run(&w, &svc).await.unwrap();
+    assert_eq!(w.cloud.targets_of("shop/web"), ["i-0", "i-1", "i-2", "i-3"]);
+    let warnings = w
+        .journal
+        .with_prefix("kube:event Warning DeregistrationWithheld");
+    assert_eq!(warnings.len(), 1, "{:#?}", w.journal.entries());
+    assert!(warnings[0].contains("3 of 4 target nodes"), "{warnings:?}");
+    assert!(w.journal.with_prefix("cloud:deregister").is_empty());
+    // A node that is really gone still goes.
+    w.remove_node("n3");
+    run(&w, &svc).await.unwrap();
+    assert_eq!(w.cloud.targets_of("shop/web"), ["i-0", "i-1", "i-2"]);
+}
