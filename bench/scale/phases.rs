@@ -397,10 +397,21 @@ async fn settle(
     }
 }
 
-async fn services_left(api: &Api<Service>) -> usize {
+/// Services of the class under test still in the apiserver (not the `kubernetes` one).
+async fn services_left(api: &Api<Service>, class: &str) -> usize {
     api.list(&ListParams::default())
         .await
-        .map(|l| l.items.len())
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|s| {
+                    s.spec
+                        .as_ref()
+                        .and_then(|s| s.load_balancer_class.as_deref())
+                        == Some(class)
+                })
+                .count()
+        })
         .unwrap_or(usize::MAX)
 }
 
@@ -424,13 +435,13 @@ async fn delete_all(s: &Subject<'_>, f: &mut Figures, names: &[String]) {
         "every Service gone",
         s.budget.timeout(),
         every,
-        async || services_left(&s.api).await == 0,
+        async || services_left(&s.api, &s.class).await == 0,
     )
     .await;
     if gone.is_some() {
         f.set("delete_all_s", Some(t0.elapsed().as_secs_f64()));
     } else {
-        let left = services_left(&s.api).await;
+        let left = services_left(&s.api, &s.class).await;
         f.notes
             .push(format!("{left} Services still there at the delete timeout"));
     }
