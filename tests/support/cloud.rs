@@ -474,7 +474,8 @@ impl ControllerProc {
     }
 
     /// `cloudlb` with exactly `args` (nothing added; they must serve /metrics on `metrics_port`),
-    /// logging to `$TMPDIR/cloudlb-controller-<name>-<port>.log`; `env` overrides the rig's.
+    /// logging to `$TMPDIR/cloudlb-controller-<name>-<port>.log`; `env` overrides the rig's
+    /// (and `RUST_LOG`, `info,cloudlb=debug` by default).
     pub fn spawn(
         rig: &Rig,
         name: &str,
@@ -489,8 +490,8 @@ impl ControllerProc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudlb"));
         cmd.args(args)
             .envs(rig.process_env())
-            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .env("RUST_LOG", "info,cloudlb=debug")
+            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
         let child = cmd.spawn().expect("start controller");
