@@ -465,23 +465,10 @@ impl Drop for TestNode {
 
 /// Reasons of the Events recorded for object `name` in `ns` (of `kind` only, when given).
 pub fn event_reasons(rig: &Rig, ns: &str, name: &str, kind: Option<&str>) -> Vec<String> {
-    let selector = match kind {
-        Some(k) => format!("regarding.name={name},regarding.kind={k}"),
-        None => format!("regarding.name={name}"),
-    };
-    rig.kubectl(&[
-        "get",
-        "events.events.k8s.io",
-        "-n",
-        ns,
-        "--field-selector",
-        &selector,
-        "-o",
-        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
-    ])
-    .lines()
-    .map(str::to_string)
-    .collect()
+    events(rig, ns, name, kind)
+        .into_iter()
+        .map(|(_, reason, _)| reason)
+        .collect()
 }
 
 /// (type, reason, note) of the Events recorded for object `name` in `ns` (of `kind` only, when

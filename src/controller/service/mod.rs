@@ -181,12 +181,13 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Reconci
     if !ctx.stores_synced() {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    let next = with_view(svc, ctx, decide);
+    // One view (caches copied, name holders scanned once) for the decision and the guard.
+    let (next, withheld) = with_view(svc, ctx, |v| (decide(v), decide::withheld(v)));
     if matches!(
         next,
         Next::Sync { .. } | Next::Retarget { .. } | Next::UpToDate
     ) {
-        if let Some(w) = with_view(svc, ctx, decide::withheld) {
+        if let Some(w) = withheld {
             withheld_warning(svc, ctx, w).await;
         }
     }
@@ -450,6 +451,20 @@ async fn invalid(
     reason: &str,
     message: &str,
 ) -> Result<Action, ReconcileError> {
+    if report_invalid(svc, ctx, reason, message).await? {
+        warn!(%reason, %message, "service cannot be reconciled; no cloud change made");
+    }
+    Ok(Action::await_change())
+}
+
+/// The condition (hostname kept) and, when that condition is new, the Warning; `Ok(true)`
+/// when it was new.
+async fn report_invalid(
+    svc: &Service,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+) -> Result<bool, ReconcileError> {
     let changed = ctx
         .writes
         .update_status(
@@ -463,7 +478,6 @@ async fn invalid(
         )
         .await?;
     if changed {
-        warn!(%reason, %message, "service cannot be reconciled; no cloud change made");
         let note = Note::warning(
             "SyncLoadBalancerFailed",
             "SyncLoadBalancerFailed",
@@ -471,7 +485,7 @@ async fn invalid(
         );
         ctx.writes.event(svc, note).await;
     }
-    Ok(Action::await_change())
+    Ok(changed)
 }
 
 /// Refused because another, older Service of ours wants the same load balancer name: this
@@ -487,26 +501,8 @@ async fn name_taken(
     let message = format!(
         "load balancer name {name} is already used by Service {holder}; choose another name (annotation service.beta.kubernetes.io/aws-load-balancer-name)"
     );
-    let changed = ctx
-        .writes
-        .update_status(
-            svc,
-            status::Update {
-                hostname: status::current_hostname(svc),
-                synced: false,
-                reason: "NameConflict",
-                message: &message,
-            },
-        )
-        .await?;
-    if changed {
+    if report_invalid(svc, ctx, "NameConflict", &message).await? {
         warn!(%name, %holder, "load balancer name taken; no cloud change made");
-        let note = Note::warning(
-            "SyncLoadBalancerFailed",
-            "SyncLoadBalancerFailed",
-            format!("NameConflict: {message}"),
-        );
-        ctx.writes.event(svc, note).await;
         let holder_ref = holder
             .split_once('/')
             .map(|(ns, n)| ObjectRef::<Service>::new(n).within(ns));
