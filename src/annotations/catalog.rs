@@ -354,6 +354,12 @@ pub const ENTRIES: &[Entry] = &[
         Refused(NOT_YET),
         "a listener's action (weighted target groups of other Services)"
     ),
+    entry!(
+        "cloudlb.io/proxy-protocol-to-pod",
+        false,
+        Implemented,
+        "cloudlb's own: `v2` makes the node proxy start each TCP connection to a pod with a PROXY protocol v2 header carrying the client's address (from the NLB's own header when the target group has proxy protocol, else the peer); UDP is forwarded unchanged"
+    ),
 ];
 
 /// The entry `key` belongs to: an exact key, or a family (`…${x}`) whose fixed part it

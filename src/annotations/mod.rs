@@ -30,6 +30,9 @@ pub fn key(short: &str) -> String {
     format!("{PREFIX}{short}")
 }
 
+/// cloudlb's own: the node proxy sends the pods a PROXY protocol header (`v2`).
+pub const PROXY_PROTOCOL_TO_POD: &str = "cloudlb.io/proxy-protocol-to-pod";
+
 /// LBC's source-ranges annotation (outside the `aws-load-balancer-` prefix).
 pub const SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
@@ -59,6 +62,9 @@ pub struct LoadBalancerOptions {
     pub proxy_protocol: bool,
     /// `proxy-protocol-per-target-group`: on for these Service ports, off for the others.
     pub proxy_protocol_ports: Option<BTreeSet<i32>>,
+    /// `cloudlb.io/proxy-protocol-to-pod: v2`: the node proxy sends a PROXY v2 header with the
+    /// client's address to the pod (externalTrafficPolicy Cluster keeps it that way).
+    pub proxy_protocol_to_pod: bool,
     pub target_group_attributes: Attributes,
     /// `target-group-attributes.<port>`: per Service port, over the global ones.
     pub port_target_group_attributes: BTreeMap<i32, Attributes>,
@@ -257,6 +263,14 @@ fn proxy_protocol(p: &mut Parser, opts: &mut LoadBalancerOptions) {
             }
         }
         opts.proxy_protocol_ports = Some(ports);
+    }
+    match p.get_full(PROXY_PROTOCOL_TO_POD) {
+        None => {}
+        Some("v2") => opts.proxy_protocol_to_pod = true,
+        Some(v) => p.error_full(
+            PROXY_PROTOCOL_TO_POD,
+            format!("unknown value {v:?}; the only supported value is \"v2\""),
+        ),
     }
 }
 

@@ -54,7 +54,7 @@ impl<'a> Parser<'a> {
         self.get_full(&key(short))
     }
 
-    fn get_full(&self, full: &str) -> Option<&'a str> {
+    pub fn get_full(&self, full: &str) -> Option<&'a str> {
         self.read.borrow_mut().insert(full.to_string());
         self.annotations.get(full).map(|s| s.trim())
     }

@@ -194,6 +194,15 @@ fn resolve_health_check_port(
     })
 }
 
+/// Whether the target group of Service port `number` has `proxy_protocol_v2.enabled`, i.e.
+/// the load balancer starts each connection to a node with a PROXY v2 header (the node proxy
+/// reads it when it sends its own header to the pod).
+pub fn proxy_protocol_v2_enabled(opts: &LoadBalancerOptions, number: i32) -> bool {
+    target_group_attributes(opts, number)
+        .get("proxy_protocol_v2.enabled")
+        .is_some_and(|v| v == "true")
+}
+
 /// A target group's attributes: the global ones, the port's own over them, then the
 /// proxy-protocol annotations (`*` wins over the per-port list), as LBC orders them.
 fn target_group_attributes(opts: &LoadBalancerOptions, number: i32) -> Attributes {

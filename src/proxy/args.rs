@@ -52,6 +52,21 @@ pub struct NodeProxyArgs {
     #[arg(long)]
     pub nodeport_services: bool,
 
+    /// The ClusterIP leg of the Services served: their clusterIPs and externalIPs, from this
+    /// node and its pods, are redirected to the proxy by an nftables table of its own in the
+    /// node's network namespace (needs the `nft` program and CAP_NET_ADMIN there).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub cluster_ips: bool,
+
+    /// Name of that nftables table (`ip NAME`): one per proxy on a node; replaced whole at
+    /// start, removed at clean shutdown.
+    #[arg(long, default_value = "cloudlb", value_name = "NAME")]
+    pub nft_table: String,
+
+    /// The `nft` program (Debian's nftables).
+    #[arg(long, default_value = "nft", value_name = "PATH")]
+    pub nft: String,
+
     /// Standalone mode, no cluster: serve PROTOCOL:NODE_PORT=BACKEND[,BACKEND...] (repeatable),
     /// e.g. `--static tcp:30021=127.0.0.1:5201`.
     #[arg(long = "static", value_name = "SPEC")]

@@ -11,7 +11,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::clusterleg::{ClusterLeg, Shared};
 use super::frontend::{Caps, Lifecycle, PortState, Timeouts};
+use super::nft::Nft;
 use super::health::{self, ProxyHealth};
 use super::http::{self, HttpLimits, HttpThread};
 use super::metrics::Metrics;
@@ -41,6 +43,7 @@ pub struct Dataplane {
     tracker: Tracker,
     frontends: BTreeMap<FrontendKey, RunningFrontend>,
     health_checks: BTreeMap<u16, RunningHealthCheck>,
+    cluster: Option<ClusterLeg>,
 }
 
 impl Dataplane {
@@ -67,6 +70,28 @@ impl Dataplane {
             tracker,
             frontends: BTreeMap::new(),
             health_checks: BTreeMap::new(),
+            cluster: None,
+        }
+    }
+
+    /// Serves the ClusterIP leg too, with nftables table `nft.table` (replaced on the first
+    /// apply, removed by [`Dataplane::remove_rules`]).
+    pub fn with_cluster_leg(mut self, nft: Nft) -> Dataplane {
+        let shared = Shared {
+            metrics: Arc::clone(&self.metrics),
+            timeouts: self.timeouts,
+            caps: Arc::clone(&self.caps),
+            draining: self.draining.clone(),
+            tracker: self.tracker.clone(),
+        };
+        self.cluster = Some(ClusterLeg::new(nft, shared));
+        self
+    }
+
+    /// Removes the ClusterIP leg's nftables table (clean shutdown).
+    pub async fn remove_rules(&mut self) {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.remove().await;
         }
     }
 
@@ -126,6 +151,9 @@ impl Dataplane {
             } else {
                 all_bound &= self.open_health_check(*port, check);
             }
+        }
+        if let Some(cluster) = &mut self.cluster {
+            all_bound &= cluster.apply(&table.vips).await;
         }
         all_bound
     }

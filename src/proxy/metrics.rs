@@ -7,7 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::table::{FrontendKey, ServicePortName};
+use super::table::{FrontendKey, Protocol, ServicePortName};
 
 /// Labels that identify one Service port's frontend.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -222,12 +222,18 @@ impl Default for Metrics {
 impl Metrics {
     /// Handles for one frontend, created (at zero) on first use.
     pub fn port(&self, key: FrontendKey, svc: &ServicePortName) -> PortMetrics {
+        self.frontend(key.protocol, key.node_port.to_string(), svc)
+    }
+
+    /// Handles for a frontend whose `node_port` label is `node_port` (a number, or
+    /// `cluster-ip` / `external-ip` on the ClusterIP leg).
+    pub fn frontend(&self, protocol: Protocol, node_port: String, svc: &ServicePortName) -> PortMetrics {
         let labels = PortLabels {
             namespace: svc.namespace.clone(),
             service: svc.name.clone(),
             port: svc.port.clone(),
-            protocol: key.protocol.as_str().to_string(),
-            node_port: key.node_port.to_string(),
+            protocol: protocol.as_str().to_string(),
+            node_port,
         };
         let bytes = |direction| {
             self.bytes

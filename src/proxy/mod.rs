@@ -7,6 +7,7 @@
 
 mod args;
 mod balance;
+mod clusterleg;
 mod dataplane;
 mod flows;
 mod forward;
@@ -15,6 +16,8 @@ mod health;
 mod http;
 mod limits;
 mod metrics;
+mod nft;
+mod ppv2;
 mod rlimit;
 mod splice;
 mod statics;
@@ -22,6 +25,7 @@ mod table;
 mod tcp;
 mod tracker;
 mod udp;
+mod vips;
 mod watch;
 
 use std::sync::Arc;
@@ -111,7 +115,7 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
         counters,
     });
 
-    let (table_tx, mut table_rx) = tokio::sync::watch::channel(Arc::new(Table::default()));
+    let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(Table::default()));
     if args.static_ports.is_empty() {
         let node_name = args
             .node_name
@@ -149,6 +153,13 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
         connect: args.connect_timeout,
         udp_idle: args.udp_idle_timeout,
     };
+    let cluster_leg = args.cluster_ips && args.static_ports.is_empty();
+    if cluster_leg && !nft::valid_table_name(&args.nft_table) {
+        anyhow::bail!(
+            "--nft-table {:?}: a letter, then letters, digits or '_' (at most 32)",
+            args.nft_table
+        );
+    }
     let mut dataplane = Dataplane::new(
         args.bind_address,
         Arc::clone(&metrics),
@@ -159,27 +170,22 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
         draining.clone(),
         tracker.clone(),
     );
+    if cluster_leg {
+        info!(table = %args.nft_table, "ClusterIP leg on: nftables table ip {}", args.nft_table);
+        dataplane = dataplane.with_cluster_leg(nft::Nft {
+            program: args.nft.clone(),
+            table: args.nft_table.clone(),
+        });
+    }
     // Table updates keep being applied through the whole shutdown: pods move meanwhile too.
-    let updates_proxy = Arc::clone(&proxy);
-    let updates = tokio::spawn(async move {
-        let mut retry = false;
-        loop {
-            let changed = if retry {
-                tokio::time::timeout(BIND_RETRY, table_rx.changed())
-                    .await
-                    .unwrap_or(Ok(()))
-            } else {
-                table_rx.changed().await
-            };
-            if changed.is_err() {
-                warn!("table source ended; serving the last table");
-                std::future::pending::<()>().await;
-            }
-            let table = table_rx.borrow_and_update().clone();
-            retry = !dataplane.apply(&table).await;
-            updates_proxy.set_synced();
-        }
-    });
+    // Stopping them hands the dataplane back, so its rules can be removed.
+    let stop_updates = CancellationToken::new();
+    let updates = tokio::spawn(apply_updates(
+        dataplane,
+        table_rx,
+        Arc::clone(&proxy),
+        stop_updates.clone(),
+    ));
 
     signals.recv().await;
     info!(delay = ?args.shutdown_health_delay, "shutting down: failing health checks first");
@@ -202,8 +208,45 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
             "drain ended with connections still open; exiting"
         );
     }
-    updates.abort();
+    stop_updates.cancel();
+    if let Ok(mut dataplane) = updates.await {
+        dataplane.remove_rules().await;
+    }
     Ok(())
+}
+
+/// Applies each new table (and retries a failed bind or nft run every `BIND_RETRY`) until
+/// `stop`; returns the dataplane.
+async fn apply_updates(
+    mut dataplane: Dataplane,
+    mut table_rx: tokio::sync::watch::Receiver<Arc<Table>>,
+    proxy: Arc<ProxyHealth>,
+    stop: CancellationToken,
+) -> Dataplane {
+    let mut retry = false;
+    loop {
+        let next = async {
+            if retry {
+                tokio::time::timeout(BIND_RETRY, table_rx.changed())
+                    .await
+                    .unwrap_or(Ok(()))
+            } else {
+                table_rx.changed().await
+            }
+        };
+        let changed = tokio::select! {
+            _ = stop.cancelled() => return dataplane,
+            changed = next => changed,
+        };
+        if changed.is_err() {
+            warn!("table source ended; serving the last table");
+            stop.cancelled().await;
+            return dataplane;
+        }
+        let table = table_rx.borrow_and_update().clone();
+        retry = !dataplane.apply(&table).await;
+        proxy.set_synced();
+    }
 }
 
 /// SIGTERM and SIGINT, either of which counts.

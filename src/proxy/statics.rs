@@ -49,6 +49,7 @@ pub fn build(specs: &[String]) -> Result<Table, StaticSpecError> {
             serving: targets.clone(),
             targets,
             affinity: None,
+            proxy_protocol: Default::default(),
         };
         if table.frontends.insert(key, Arc::new(frontend)).is_some() {
             return Err(StaticSpecError::Duplicate(key.to_string()));

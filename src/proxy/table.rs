@@ -11,6 +11,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::vips::{self, VipFrontend, VipKey};
+
 /// The label an EndpointSlice carries to name its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The label that hands a Service to an alternative proxy (kube-proxy skips it); the
@@ -101,6 +103,21 @@ pub struct Frontend {
     pub serving: Vec<SocketAddr>,
     /// `sessionAffinity: ClientIP` with its timeout.
     pub affinity: Option<Duration>,
+    /// PROXY protocol on this frontend's connections (TCP only).
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// PROXY protocol v2 around the node proxy: what arrives from the load balancer, what goes to
+/// the pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    /// The load balancer starts each connection with a v2 header (the target group has
+    /// `proxy_protocol_v2.enabled`). Read only when `to_pod` is set; otherwise it passes
+    /// through to the pod untouched, as with kube-proxy.
+    pub from_load_balancer: bool,
+    /// `cloudlb.io/proxy-protocol-to-pod: v2`: write a v2 header with the client's address to
+    /// the pod before the payload.
+    pub to_pod: bool,
 }
 
 /// A health-check nodePort (externalTrafficPolicy Local) and what it reports.
@@ -121,6 +138,8 @@ pub struct Table {
     pub frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
     /// Health-check servers by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// The ClusterIP leg: frontends reached through the Services' clusterIPs and externalIPs.
+    pub vips: BTreeMap<VipKey, VipFrontend>,
 }
 
 /// Settings that change what the table contains.
@@ -152,7 +171,7 @@ impl TableOptions {
             .as_ref()
             .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
         if let Some(name) = label {
-            return *name == self.service_proxy_name && matches!(kind, "LoadBalancer" | "NodePort");
+            return *name == self.service_proxy_name && kind != "ExternalName";
         }
         if !self.serve_unlabelled {
             return false;
@@ -176,8 +195,8 @@ impl TableOptions {
 
 /// One endpoint of one Service port, with its conditions read the way kube-proxy reads them.
 #[derive(Clone, Copy, Debug)]
-struct Candidate {
-    addr: SocketAddr,
+pub(super) struct Candidate {
+    pub(super) addr: SocketAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
@@ -219,6 +238,12 @@ pub fn build(
             .map(Vec::as_slice)
             .unwrap_or_default();
         let mut local_ready = BTreeSet::new();
+        let to_pod = proxy_protocol_to_pod(svc);
+        // Only read when a header goes to the pod; parse errors are the controller's to report.
+        let lb_options = to_pod
+            .then(|| crate::annotations::parse(svc.metadata.annotations.as_ref()?).ok())
+            .flatten();
+        let vip_policy = vips::Policies::of(spec);
         for port in spec.ports.iter().flatten() {
             let candidates = candidates(port, svc_slices, &opts.node_name);
             local_ready.extend(
@@ -230,6 +255,40 @@ pub fn build(
             let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
                 continue;
             };
+            let service = ServicePortName {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port: port.name.clone().unwrap_or_default(),
+            };
+            let proxy_protocol = ProxyProtocol {
+                from_load_balancer: lb_options.as_ref().is_some_and(|o| {
+                    crate::model::build::proxy_protocol_v2_enabled(o, port.port)
+                }),
+                to_pod,
+            };
+            let serving = sorted(
+                candidates
+                    .iter()
+                    .filter(|c| c.serving || c.ready)
+                    .map(|c| c.addr),
+            );
+            vips::insert(
+                &mut table.vips,
+                &vip_policy,
+                port,
+                protocol,
+                Frontend {
+                    service: service.clone(),
+                    targets: Vec::new(),
+                    serving: serving.clone(),
+                    affinity,
+                    proxy_protocol: ProxyProtocol {
+                        from_load_balancer: false,
+                        to_pod,
+                    },
+                },
+                &candidates,
+            );
             let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) else {
                 continue;
             };
@@ -237,19 +296,11 @@ pub fn build(
                 continue;
             }
             let frontend = Frontend {
-                service: ServicePortName {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    port: port.name.clone().unwrap_or_default(),
-                },
+                service,
                 targets: targets(&candidates, local_only),
-                serving: sorted(
-                    candidates
-                        .iter()
-                        .filter(|c| c.serving || c.ready)
-                        .map(|c| c.addr),
-                ),
+                serving,
                 affinity,
+                proxy_protocol,
             };
             table.frontends.insert(
                 FrontendKey {
@@ -275,6 +326,16 @@ pub fn build(
         }
     }
     table
+}
+
+/// Whether the Service asks for a PROXY v2 header to its pods (any other value is refused by
+/// the controller, and sends none).
+fn proxy_protocol_to_pod(svc: &Service) -> bool {
+    svc.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::annotations::PROXY_PROTOCOL_TO_POD))
+        .is_some_and(|v| v.trim() == "v2")
 }
 
 /// Slices grouped by (namespace, Service name), in name order so duplicates resolve the same
@@ -348,7 +409,7 @@ fn candidates(port: &ServicePort, slices: &[&EndpointSlice], node_name: &str) ->
 
 /// kube-proxy's choice: ready endpoints (on this node only, for policy Local); when there are
 /// none, serving-and-terminating ones, so a rollout's last pods still get traffic.
-fn targets(candidates: &[Candidate], local_only: bool) -> Vec<SocketAddr> {
+pub(super) fn targets(candidates: &[Candidate], local_only: bool) -> Vec<SocketAddr> {
     let pool = || candidates.iter().filter(|c| !local_only || c.local);
     let ready = sorted(pool().filter(|c| c.ready).map(|c| c.addr));
     if !ready.is_empty() {

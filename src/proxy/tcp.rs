@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::debug;
@@ -14,6 +15,7 @@ use tracing::debug;
 use super::forward::{self, Ended};
 use super::frontend::{Lifecycle, PortState};
 use super::limits::TcpPermit;
+use super::ppv2;
 use super::table::Frontend;
 
 /// Connections waiting to be accepted, per listener.
@@ -74,18 +76,40 @@ pub async fn serve(
 }
 
 async fn handle(
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     frontend: Arc<Frontend>,
     port: Arc<PortState>,
     _permit: TcpPermit,
 ) {
     let metrics = &port.metrics;
-    let Some(backend) = connect(peer, &frontend, &port).await else {
+    let pp = frontend.proxy_protocol;
+    // The client as the pod should see it: from the load balancer's header when it sends one.
+    let (source, destination) = if pp.to_pod {
+        match original_addresses(&mut client, peer, pp.from_load_balancer, &port).await {
+            Some(addrs) => addrs,
+            None => {
+                metrics.io_errors.inc();
+                let _ = client.set_zero_linger();
+                return;
+            }
+        }
+    } else {
+        (peer, peer)
+    };
+    let Some(mut backend) = connect(source, &frontend, &port).await else {
         // No endpoint or none reachable: reset at once rather than leave the client waiting.
         let _ = client.set_zero_linger();
         return;
     };
+    if pp.to_pod {
+        let header = ppv2::header(source, destination);
+        if backend.write_all(&header).await.is_err() {
+            metrics.io_errors.inc();
+            let _ = client.set_zero_linger();
+            return;
+        }
+    }
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
     metrics.connections.inc();
@@ -109,6 +133,29 @@ async fn handle(
             metrics.io_errors.inc();
             let _ = client.set_zero_linger();
             let _ = backend.set_zero_linger();
+        }
+    }
+}
+
+/// (client, address it connected to) for the PROXY header to the pod: the load balancer's
+/// header when the target group sends one (its LOCAL form, or none, leaves the peer), else the
+/// peer and the local address. `None` when the expected header is missing or malformed.
+async fn original_addresses(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    from_load_balancer: bool,
+    port: &PortState,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let local = client.local_addr().ok()?;
+    if !from_load_balancer {
+        return Some((peer, local));
+    }
+    match ppv2::read(client, port.connect_timeout).await {
+        Ok(Some(addrs)) => Some(addrs),
+        Ok(None) => Some((peer, local)),
+        Err(e) => {
+            debug!(frontend = %port.key, %peer, error = %e, "no PROXY header from the load balancer");
+            None
         }
     }
 }
