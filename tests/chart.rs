@@ -273,6 +273,7 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
             "--metrics-addr=127.0.0.1:10298",
             "--bind-address=0.0.0.0",
             "--service-proxy-name=cloudlb",
+            "--cluster-ips=false",
         ]
     );
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], "health");
@@ -318,6 +319,16 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
     assert_eq!(
         ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"],
         json!({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]})
+    );
+    // The ClusterIP leg runs nft: root with NET_ADMIN, nothing else added.
+    let cluster_ips = render(&["clusterName=x", "nodeProxy.enabled=true", "nodeProxy.clusterIPs=true"]);
+    let ds = one(&cluster_ips, "DaemonSet", "rel-cloudlb-node-proxy");
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert!(strings(&c["args"]).contains(&"--cluster-ips=true".to_string()));
+    assert_eq!(c["securityContext"]["runAsUser"], 0);
+    assert_eq!(
+        c["securityContext"]["capabilities"],
+        json!({"drop": ["ALL"], "add": ["NET_ADMIN"]})
     );
 
     let single = render(&[
