@@ -321,7 +321,11 @@ fn custom_values_reach_flags_env_and_the_node_proxy() {
         json!({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]})
     );
     // The ClusterIP leg runs nft: root with NET_ADMIN, nothing else added.
-    let cluster_ips = render(&["clusterName=x", "nodeProxy.enabled=true", "nodeProxy.clusterIPs=true"]);
+    let cluster_ips = render(&[
+        "clusterName=x",
+        "nodeProxy.enabled=true",
+        "nodeProxy.clusterIPs=true",
+    ]);
     let ds = one(&cluster_ips, "DaemonSet", "rel-cloudlb-node-proxy");
     let c = &ds["spec"]["template"]["spec"]["containers"][0];
     assert!(strings(&c["args"]).contains(&"--cluster-ips=true".to_string()));

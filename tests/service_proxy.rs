@@ -61,7 +61,10 @@ async fn line_request(conn: &mut BufReader<tokio::net::TcpStream>) -> Outcome {
     }
 }
 
-async fn open(sockets: &NetnsSockets, addr: SocketAddr) -> std::io::Result<BufReader<tokio::net::TcpStream>> {
+async fn open(
+    sockets: &NetnsSockets,
+    addr: SocketAddr,
+) -> std::io::Result<BufReader<tokio::net::TcpStream>> {
     let s = tokio::time::timeout(REQ_TIMEOUT, sockets.tcp_connect(None, addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))??;
@@ -155,7 +158,15 @@ impl LegWorld {
         // The node reaches the Service range on its own link: without the proxy's rules a
         // packet to a clusterIP goes nowhere outside the rig bridge.
         let out = Command::new("ip")
-            .args(["-n", &format!("clb-{}", node.name), "route", "add", "10.96.0.0/16", "dev", "eth0"])
+            .args([
+                "-n",
+                &format!("clb-{}", node.name),
+                "route",
+                "add",
+                "10.96.0.0/16",
+                "dev",
+                "eth0",
+            ])
             .output()
             .unwrap();
         assert!(out.status.success(), "route: {}", text(&out));
@@ -389,7 +400,8 @@ async fn cluster_ips_and_external_ips_reach_ready_endpoints_with_the_node_port_r
         sticky_pods.push(tcp_request(&w.node_sockets, sticky_addr).await);
     }
     assert!(
-        sticky_pods.iter().all(|o| *o == sticky_pods[0]) && matches!(sticky_pods[0], Outcome::Answered(_)),
+        sticky_pods.iter().all(|o| *o == sticky_pods[0])
+            && matches!(sticky_pods[0], Outcome::Answered(_)),
         "ClientIP affinity: {sticky_pods:?}"
     );
 
@@ -405,11 +417,19 @@ async fn cluster_ips_and_external_ips_reach_ready_endpoints_with_the_node_port_r
     let drain_addr = SocketAddr::new(cluster_ip(&drain), 83);
     until_served_by(&w.node_sockets, drain_addr, false, &["pod-t"]).await;
     let pods: Api<Pod> = Api::namespaced(w.rig.client().await, &w.ns.name);
-    pods.delete("pod-t", &DeleteParams::default()).await.unwrap();
+    pods.delete("pod-t", &DeleteParams::default())
+        .await
+        .unwrap();
     eventually("pod-t's endpoint terminating", WAIT, || async {
         let out = w.rig.kubectl(&[
-            "get", "endpointslices", "-n", &w.ns.name, "-l", "kubernetes.io/service-name=drain",
-            "-o", "jsonpath={.items[*].endpoints[*].conditions.terminating}",
+            "get",
+            "endpointslices",
+            "-n",
+            &w.ns.name,
+            "-l",
+            "kubernetes.io/service-name=drain",
+            "-o",
+            "jsonpath={.items[*].endpoints[*].conditions.terminating}",
         ]);
         (out.trim() == "true").then_some(())
     })
@@ -419,14 +439,30 @@ async fn cluster_ips_and_external_ips_reach_ready_endpoints_with_the_node_port_r
     let table = w.table().expect("the proxy's table");
     eprintln!("nft list table ip {}:\n{table}", w.name);
     let tcp = elements(&table, "tcp_vips");
-    assert_eq!(tcp.len(), 5, "web:80 on clusterIP and externalIP, local:81, sticky:82, drain:83: {tcp:?}");
-    assert!(tcp.iter().any(|e| e.starts_with(&format!("{web_ip} . 80 : "))), "{tcp:?}");
-    assert_eq!(elements(&table, "udp_vips").len(), 2, "web:53 on clusterIP and externalIP: {table}");
+    assert_eq!(
+        tcp.len(),
+        5,
+        "web:80 on clusterIP and externalIP, local:81, sticky:82, drain:83: {tcp:?}"
+    );
+    assert!(
+        tcp.iter()
+            .any(|e| e.starts_with(&format!("{web_ip} . 80 : "))),
+        "{tcp:?}"
+    );
+    assert_eq!(
+        elements(&table, "udp_vips").len(),
+        2,
+        "web:53 on clusterIP and externalIP: {table}"
+    );
 
     // The listeners take only redirected traffic: straight to a listener port is reset.
     let listener: u16 = tcp[0].rsplit(": ").next().unwrap().parse().unwrap();
     let direct = SocketAddr::new(w.node.ip.parse().unwrap(), listener);
-    assert_eq!(tcp_request(&w.client_sockets, direct).await, Outcome::Reset, "{direct}");
+    assert_eq!(
+        tcp_request(&w.client_sockets, direct).await,
+        Outcome::Reset,
+        "{direct}"
+    );
     w.finish().await;
 }
 
@@ -461,7 +497,10 @@ async fn cluster_ip_endpoint_changes_under_load_cut_no_connection() {
             let mut conn = open(&sockets, addr).await.expect("long-lived connect");
             let first = line_request(&mut conn).await;
             let mut answers = vec![first.clone()];
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_TIME && answers.len() < 3000 {
+            while !stop.load(Ordering::Relaxed)
+                && started.elapsed() < MAX_TIME
+                && answers.len() < 3000
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 answers.push(line_request(&mut conn).await);
             }
@@ -472,7 +511,10 @@ async fn cluster_ip_endpoint_changes_under_load_cut_no_connection() {
         let (sockets, stop) = (w.node_sockets.clone(), stop.clone());
         tokio::spawn(async move {
             let mut r = LoadReport::default();
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_TIME && r.sent < MAX_REQUESTS {
+            while !stop.load(Ordering::Relaxed)
+                && started.elapsed() < MAX_TIME
+                && r.sent < MAX_REQUESTS
+            {
                 let t0 = Instant::now();
                 r.record(tcp_request(&sockets, addr).await, t0.elapsed());
             }
@@ -486,14 +528,24 @@ async fn cluster_ip_endpoint_changes_under_load_cut_no_connection() {
     stop.store(true, Ordering::Relaxed);
 
     let r = load.await.unwrap();
-    eprintln!("{}", r.summary("fresh connections to the clusterIP during endpoint changes"));
+    eprintln!(
+        "{}",
+        r.summary("fresh connections to the clusterIP during endpoint changes")
+    );
     assert!(r.sent > 50, "load too small to mean anything: {}", r.sent);
     assert_eq!(r.answered, r.sent, "failed: {:?}", r.failures);
     let mut on_a = 0;
     for h in long_lived {
         let (first, answers) = h.await.unwrap();
-        assert!(answers.len() > 10, "{first:?}: only {} answers", answers.len());
-        assert!(answers.iter().all(|o| *o == first), "a long-lived connection changed or was cut: {answers:?}");
+        assert!(
+            answers.len() > 10,
+            "{first:?}: only {} answers",
+            answers.len()
+        );
+        assert!(
+            answers.iter().all(|o| *o == first),
+            "a long-lived connection changed or was cut: {answers:?}"
+        );
         on_a += usize::from(first == Outcome::Answered("pod-a".into()));
     }
     eprintln!("long-lived connections on pod-a (turned NotReady): {on_a} of 4, none cut");
@@ -514,8 +566,20 @@ async fn nft_table_survives_no_sigkill_follows_deletion_and_goes_on_shutdown() {
     let (x_ip, y_ip) = (cluster_ip(&x), cluster_ip(&y));
     w.start_proxy();
     w.ready().await;
-    until_served_by(&w.node_sockets, SocketAddr::new(x_ip, 80), false, &["pod-a"]).await;
-    until_served_by(&w.node_sockets, SocketAddr::new(y_ip, 80), false, &["pod-a"]).await;
+    until_served_by(
+        &w.node_sockets,
+        SocketAddr::new(x_ip, 80),
+        false,
+        &["pod-a"],
+    )
+    .await;
+    until_served_by(
+        &w.node_sockets,
+        SocketAddr::new(y_ip, 80),
+        false,
+        &["pod-a"],
+    )
+    .await;
     let before = w.table().expect("table");
     eprintln!("before SIGKILL:\n{before}");
     assert_eq!(elements(&before, "tcp_vips").len(), 2, "{before}");
@@ -523,7 +587,11 @@ async fn nft_table_survives_no_sigkill_follows_deletion_and_goes_on_shutdown() {
     // SIGKILL: no chance to clean up; the table stays, pointing at ports nobody holds.
     w.proxy.as_mut().unwrap().0.kill().unwrap();
     w.proxy.as_mut().unwrap().0.wait().unwrap();
-    assert_eq!(w.table().as_deref(), Some(before.as_str()), "the kernel keeps the table");
+    assert_eq!(
+        w.table().as_deref(),
+        Some(before.as_str()),
+        "the kernel keeps the table"
+    );
     w.delete_service("y").await;
     w.start_proxy();
     w.ready().await;
@@ -535,13 +603,25 @@ async fn nft_table_survives_no_sigkill_follows_deletion_and_goes_on_shutdown() {
     .await;
     eprintln!("after restart (y deleted meanwhile):\n{after}");
     assert!(after.contains(&format!("{x_ip} . 80 : ")), "{after}");
-    assert!(!after.contains(&y_ip.to_string()), "stale rule of y: {after}");
+    assert!(
+        !after.contains(&y_ip.to_string()),
+        "stale rule of y: {after}"
+    );
     let stale: Vec<String> = elements(&before, "tcp_vips")
         .into_iter()
         .filter(|e| after.contains(e.as_str()))
         .collect();
-    assert!(stale.is_empty(), "elements of the killed proxy remain: {stale:?}");
-    until_served_by(&w.node_sockets, SocketAddr::new(x_ip, 80), false, &["pod-a"]).await;
+    assert!(
+        stale.is_empty(),
+        "elements of the killed proxy remain: {stale:?}"
+    );
+    until_served_by(
+        &w.node_sockets,
+        SocketAddr::new(x_ip, 80),
+        false,
+        &["pod-a"],
+    )
+    .await;
 
     // A deleted Service's rules go.
     w.delete_service("x").await;
@@ -557,7 +637,9 @@ async fn nft_table_survives_no_sigkill_follows_deletion_and_goes_on_shutdown() {
     support::terminate(&mut proc.0, Duration::from_secs(10));
     assert!(w.table().is_none(), "the table outlived a clean shutdown");
     assert!(
-        std::fs::read_to_string(&w.log).unwrap().contains("nftables table removed"),
+        std::fs::read_to_string(&w.log)
+            .unwrap()
+            .contains("nftables table removed"),
         "no removal logged"
     );
     w.finish().await;
@@ -621,7 +703,10 @@ impl LbWorld {
             let ts = self.emu.targets(&host, i32::from(port));
             node_ips
                 .iter()
-                .all(|n| ts.iter().any(|t| t.addr.ip().to_string() == *n && t.health == Health::Healthy))
+                .all(|n| {
+                    ts.iter()
+                        .any(|t| t.addr.ip().to_string() == *n && t.health == Health::Healthy)
+                })
                 .then_some(())
         })
         .await;
@@ -631,32 +716,52 @@ impl LbWorld {
     async fn finish(&self) {
         let api: Api<Service> = Api::namespaced(self.rig.client().await, &self.ns.name);
         for svc in api.list(&Default::default()).await.unwrap() {
-            let _ = api.delete(&svc.metadata.name.unwrap_or_default(), &DeleteParams::default()).await;
+            let _ = api
+                .delete(
+                    &svc.metadata.name.unwrap_or_default(),
+                    &DeleteParams::default(),
+                )
+                .await;
         }
-        eventually("the controller removed the cloud resources", WAIT, || async {
-            self.cloud.inventory().await.is_empty().then_some(())
-        })
+        eventually(
+            "the controller removed the cloud resources",
+            WAIT,
+            || async { self.cloud.inventory().await.is_empty().then_some(()) },
+        )
         .await;
         force_delete_pods(self.rig, &self.ns.name).await;
     }
 }
 
 /// A node proxy in `netns` serving the Services labelled `name`; ready when this returns.
-async fn node_proxy(rig: &Rig, netns: &str, node: &str, ip: &str, name: &str, ports: (u16, u16)) -> Proc {
+async fn node_proxy(
+    rig: &Rig,
+    netns: &str,
+    node: &str,
+    ip: &str,
+    name: &str,
+    ports: (u16, u16),
+) -> Proc {
     let log = std::env::temp_dir().join(format!("cloudlb-service-proxy-{name}-{node}.log"));
     let out = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_cloudlb"), "node-proxy"])
-        .args(["--node-name", node, "--bind-address", ip])
-        .args(["--health-addr", &format!("{ip}:{}", ports.0)])
-        .args(["--metrics-addr", &format!("{ip}:{}", ports.1)])
-        .args(["--service-proxy-name", name, "--nft-table", name])
-        .args(["--shutdown-health-delay", "0s", "--drain-timeout", "2s"])
-        .env("KUBECONFIG", &rig.bridge_kubeconfig)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
+    cmd.args([
+        "netns",
+        "exec",
+        netns,
+        env!("CARGO_BIN_EXE_cloudlb"),
+        "node-proxy",
+    ])
+    .args(["--node-name", node, "--bind-address", ip])
+    .args(["--health-addr", &format!("{ip}:{}", ports.0)])
+    .args(["--metrics-addr", &format!("{ip}:{}", ports.1)])
+    .args(["--service-proxy-name", name, "--nft-table", name])
+    .args(["--shutdown-health-delay", "0s", "--drain-timeout", "2s"])
+    .env("KUBECONFIG", &rig.bridge_kubeconfig)
+    .env("RUST_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(out.try_clone().unwrap())
+    .stderr(out);
     eprintln!("node proxy {name} on {node} logs to {}", log.display());
     let proc = Proc(cmd.spawn().expect("start node proxy"));
     let admin = format!("{ip}:{}", ports.0);
@@ -676,7 +781,10 @@ async fn node_proxy(rig: &Rig, netns: &str, node: &str, ip: &str, name: &str, po
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_to_the_pod_carries_the_client_address_with_etp_cluster() {
-    let w = LbWorld::new("sp-pp", |cloud| ControllerProc::start(Rig::get(), cloud, &[])).await;
+    let w = LbWorld::new("sp-pp", |cloud| {
+        ControllerProc::start(Rig::get(), cloud, &[])
+    })
+    .await;
     let name = proxy_name("sp-pp");
     // Two nodes, the pod on b: connections through a cross nodes (ETP Cluster).
     let mut nodes = Vec::new();
@@ -691,13 +799,33 @@ async fn proxy_protocol_to_the_pod_carries_the_client_address_with_etp_cluster()
             json!({"cloudlb.io/test-cluster": w.cloud.cluster}),
         )
         .await;
-        let proxy = node_proxy(w.rig, &format!("clb-{}", netns.name), &node.name, &netns.ip, &name, (10266, 10267)).await;
+        let proxy = node_proxy(
+            w.rig,
+            &format!("clb-{}", netns.name),
+            &node.name,
+            &netns.ip,
+            &name,
+            (10266, 10267),
+        )
+        .await;
         nodes.push((netns, node, proxy));
     }
     let pod_netns = NetNs::new(&format!("{}-pod", w.ns.name));
     let sockets = NetnsSockets::enter(&format!("clb-{}", pod_netns.name)).unwrap();
-    let server = tcp_line_server(&sockets, SocketAddr::new(pod_netns.ip.parse().unwrap(), POD_TCP), "pod-pp");
-    create_pod(w.rig, &w.ns.name, "pod-pp", "pp", &nodes[1].1.name, &pod_netns.ip).await;
+    let server = tcp_line_server(
+        &sockets,
+        SocketAddr::new(pod_netns.ip.parse().unwrap(), POD_TCP),
+        "pod-pp",
+    );
+    create_pod(
+        w.rig,
+        &w.ns.name,
+        "pod-pp",
+        "pp",
+        &nodes[1].1.name,
+        &pod_netns.ip,
+    )
+    .await;
     let spec = json!({"selector": {"app": "pp"},
                       "ports": [{"name": "web", "port": 80, "targetPort": POD_TCP, "protocol": "TCP"}]});
     let labels = json!({PROXY_LABEL: name});
@@ -712,7 +840,12 @@ async fn proxy_protocol_to_the_pod_carries_the_client_address_with_etp_cluster()
     .await;
     // No header from the NLB: the proxy's header names the peer it saw.
     let peer_svc = w
-        .service("peer", labels, json!({"cloudlb.io/proxy-protocol-to-pod": "v2"}), spec)
+        .service(
+            "peer",
+            labels,
+            json!({"cloudlb.io/proxy-protocol-to-pod": "v2"}),
+            spec,
+        )
         .await;
     let node_ips: Vec<&str> = nodes.iter().map(|(n, _, _)| n.ip.as_str()).collect();
     let nlb_pp = w.lb_addr("nlb-pp", 80, &node_ips).await;
@@ -723,9 +856,21 @@ async fn proxy_protocol_to_the_pod_carries_the_client_address_with_etp_cluster()
         let mut conn = backends::LineConn::open(nlb_pp).await.unwrap();
         let client = conn.local_addr();
         let hits = server.hits();
-        assert_eq!(conn.request(REQ_TIMEOUT).await, Outcome::Answered("pod-pp".into()), "request {i}");
-        assert_eq!(conn.request(REQ_TIMEOUT).await, Outcome::Answered("pod-pp".into()), "request {i}");
-        assert_eq!(server.hits() - hits, 2, "two lines, nothing else before them (one header)");
+        assert_eq!(
+            conn.request(REQ_TIMEOUT).await,
+            Outcome::Answered("pod-pp".into()),
+            "request {i}"
+        );
+        assert_eq!(
+            conn.request(REQ_TIMEOUT).await,
+            Outcome::Answered("pod-pp".into()),
+            "request {i}"
+        );
+        assert_eq!(
+            server.hits() - hits,
+            2,
+            "two lines, nothing else before them (one header)"
+        );
         let headers = server.proxy_headers.lock().unwrap().clone();
         let h = headers
             .iter()
@@ -735,12 +880,27 @@ async fn proxy_protocol_to_the_pod_carries_the_client_address_with_etp_cluster()
         assert_eq!(h.destination, nlb_pp, "the address the client connected to");
         eprintln!("pod got {h:?} for client {client}");
     }
-    assert_eq!(server.plain_connections.load(Ordering::Relaxed), 0, "a connection without a header");
+    assert_eq!(
+        server.plain_connections.load(Ordering::Relaxed),
+        0,
+        "a connection without a header"
+    );
 
-    let node_ports: Vec<u16> = peer_svc.spec.as_ref().unwrap().ports.iter().flatten()
-        .filter_map(|p| p.node_port).map(|p| p as u16).collect();
+    let node_ports: Vec<u16> = peer_svc
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.node_port)
+        .map(|p| p as u16)
+        .collect();
     let mut conn = backends::LineConn::open(peer).await.unwrap();
-    assert_eq!(conn.request(REQ_TIMEOUT).await, Outcome::Answered("pod-pp".into()));
+    assert_eq!(
+        conn.request(REQ_TIMEOUT).await,
+        Outcome::Answered("pod-pp".into())
+    );
     // The emulated NLB connects to the node from its own address (no client IP preservation
     // here), so that is the peer the proxy names; the destination is the node's nodePort.
     let headers = server.proxy_headers.lock().unwrap().clone();
@@ -748,9 +908,16 @@ async fn proxy_protocol_to_the_pod_carries_the_client_address_with_etp_cluster()
         .iter()
         .rev()
         .find(|h| h.source.ip() == peer.ip())
-        .unwrap_or_else(|| panic!("no header naming the NLB's address {}: {headers:?}", peer.ip()));
+        .unwrap_or_else(|| {
+            panic!(
+                "no header naming the NLB's address {}: {headers:?}",
+                peer.ip()
+            )
+        });
     assert!(
-        node_ips.iter().any(|ip| h.destination == SocketAddr::new(ip.parse().unwrap(), node_ports[0])),
+        node_ips
+            .iter()
+            .any(|ip| h.destination == SocketAddr::new(ip.parse().unwrap(), node_ports[0])),
         "destination = the node's nodePort: {h:?}"
     );
     drop(server);
@@ -777,7 +944,14 @@ fn kube_proxy_rules(ns: &str, name: &str) -> usize {
 /// TCP listeners on `port` in the kubelet node's namespace.
 fn listeners(port: u16) -> String {
     let out = Command::new("ip")
-        .args(["netns", "exec", "clb-kubelet", "ss", "-Hltn", &format!("sport = :{port}")])
+        .args([
+            "netns",
+            "exec",
+            "clb-kubelet",
+            "ss",
+            "-Hltn",
+            &format!("sport = :{port}"),
+        ])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -797,7 +971,13 @@ fn curl_in(netns: &[&str], url: &str) -> Option<String> {
 /// The PID of a process of the pod (its sandbox or container), from the node's cgroups.
 fn pod_pid(uid: &str) -> Option<String> {
     let out = Command::new("find")
-        .args(["/sys/fs/cgroup/pids/cloudlb-rig", "-path", &format!("*pod{uid}*"), "-name", "cgroup.procs"])
+        .args([
+            "/sys/fs/cgroup/pids/cloudlb-rig",
+            "-path",
+            &format!("*pod{uid}*"),
+            "-name",
+            "cgroup.procs",
+        ])
         .output()
         .ok()?;
     String::from_utf8_lossy(&out.stdout)
@@ -842,13 +1022,24 @@ async fn beside_kube_proxy_each_serves_only_its_own_services() {
         .create_tags()
         .resources(rig.env("CLOUDLB_RIG_NODE_SUBNET"))
         .tags(tag("kubernetes.io/role/internal-elb", "1"))
-        .tags(tag(&format!("kubernetes.io/cluster/{}", w.cloud.cluster), "shared"))
+        .tags(tag(
+            &format!("kubernetes.io/cluster/{}", w.cloud.cluster),
+            "shared",
+        ))
         .send()
         .await
         .expect("tag the node's subnet");
     let name = proxy_name("sp-kp");
     let (health, metrics) = (free_port(), free_port());
-    let _proxy = node_proxy(rig, "clb-kubelet", &node, &node_ip, &name, (health, metrics)).await;
+    let _proxy = node_proxy(
+        rig,
+        "clb-kubelet",
+        &node,
+        &node_ip,
+        &name,
+        (health, metrics),
+    )
+    .await;
 
     // Real pods on the kubelet node.
     let deployment = json!({
@@ -864,24 +1055,46 @@ async fn beside_kube_proxy_each_serves_only_its_own_services() {
     std::fs::write(&file, deployment.to_string()).unwrap();
     rig.kubectl(&["apply", "-f", file.to_str().unwrap()]);
     let _ = std::fs::remove_file(&file);
-    let out = rig.kubectl_output(&["rollout", "status", "deployment/web", "-n", &w.ns.name, "--timeout=120s"]);
+    let out = rig.kubectl_output(&[
+        "rollout",
+        "status",
+        "deployment/web",
+        "-n",
+        &w.ns.name,
+        "--timeout=120s",
+    ]);
     assert!(out.status.success(), "rollout: {}", text(&out));
 
     let spec = json!({"selector": {"app": "web"},
                       "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]});
-    let mine = w.service("mine", json!({PROXY_LABEL: name}), json!({}), spec.clone()).await;
+    let mine = w
+        .service("mine", json!({PROXY_LABEL: name}), json!({}), spec.clone())
+        .await;
     let kube = w.service("kube", json!({}), json!({}), spec).await;
-    let node_port = |svc: &Service| svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].node_port.unwrap() as u16;
+    let node_port = |svc: &Service| {
+        svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0]
+            .node_port
+            .unwrap() as u16
+    };
 
     // kube-proxy has rules for the unlabelled one only.
-    let kube_rules = eventually("kube-proxy's rules for the unlabelled Service", WAIT, || async {
-        let n = kube_proxy_rules(&w.ns.name, "kube");
-        (n > 0).then_some(n)
-    })
+    let kube_rules = eventually(
+        "kube-proxy's rules for the unlabelled Service",
+        WAIT,
+        || async {
+            let n = kube_proxy_rules(&w.ns.name, "kube");
+            (n > 0).then_some(n)
+        },
+    )
     .await;
     let mine_rules = kube_proxy_rules(&w.ns.name, "mine");
-    eprintln!("FIGURE kube-proxy iptables rules in the kubelet node: labelled (cloudlb) {mine_rules}, unlabelled {kube_rules}");
-    assert_eq!(mine_rules, 0, "kube-proxy has rules for a Service labelled for cloudlb");
+    eprintln!(
+        "FIGURE kube-proxy iptables rules in the kubelet node: labelled (cloudlb) {mine_rules}, unlabelled {kube_rules}"
+    );
+    assert_eq!(
+        mine_rules, 0,
+        "kube-proxy has rules for a Service labelled for cloudlb"
+    );
 
     // cloudlb binds the labelled Service's nodePort, not the other's.
     let metrics_addr = format!("{node_ip}:{metrics}");
@@ -891,15 +1104,24 @@ async fn beside_kube_proxy_each_serves_only_its_own_services() {
     })
     .await;
     let m = http_get(&metrics_addr, "/metrics").unwrap().1;
-    assert!(!m.contains("service=\"kube\""), "cloudlb took the unlabelled Service");
-    assert_eq!(listeners(node_port(&kube)), "", "something listens on the unlabelled nodePort");
+    assert!(
+        !m.contains("service=\"kube\""),
+        "cloudlb took the unlabelled Service"
+    );
+    assert_eq!(
+        listeners(node_port(&kube)),
+        "",
+        "something listens on the unlabelled nodePort"
+    );
 
     // Traffic through the emulated NLB works for both.
     for svc in ["mine", "kube"] {
         let addr = w.lb_addr(svc, 80, &[&node_ip]).await;
         let body = eventually(&format!("{svc} through its NLB"), WAIT, || async {
             let a = addr.to_string();
-            tokio::task::spawn_blocking(move || http_get(&a, "/")).await.ok()?
+            tokio::task::spawn_blocking(move || http_get(&a, "/"))
+                .await
+                .ok()?
                 .filter(|(s, b)| *s == 200 && b.starts_with("hello from web-"))
         })
         .await;
@@ -914,7 +1136,16 @@ async fn beside_kube_proxy_each_serves_only_its_own_services() {
     })
     .await;
     eprintln!("clusterIP {ip} from the node: {}", from_node.trim());
-    let uid = rig.kubectl(&["get", "pods", "-n", &w.ns.name, "-l", "app=web", "-o", "jsonpath={.items[0].metadata.uid}"]);
+    let uid = rig.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        &w.ns.name,
+        "-l",
+        "app=web",
+        "-o",
+        "jsonpath={.items[0].metadata.uid}",
+    ]);
     let pid = pod_pid(uid.trim()).expect("a process of the pod");
     let from_pod = eventually("the clusterIP from a pod", WAIT, || async {
         curl_in(&["nsenter", "-t", &pid, "-n"], &url)
@@ -922,7 +1153,16 @@ async fn beside_kube_proxy_each_serves_only_its_own_services() {
     .await;
     eprintln!("clusterIP {ip} from pod (pid {pid}): {}", from_pod.trim());
     let table = Command::new("ip")
-        .args(["netns", "exec", "clb-kubelet", "nft", "list", "table", "ip", &name])
+        .args([
+            "netns",
+            "exec",
+            "clb-kubelet",
+            "nft",
+            "list",
+            "table",
+            "ip",
+            &name,
+        ])
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout).to_string();

@@ -462,3 +462,39 @@ fn lbc_deprecated_annotations_warn() {
     .unwrap();
     assert_eq!(o.warnings.len(), 2, "{:?}", o.warnings);
 }
+
+#[test]
+fn proxy_protocol_to_pod_takes_v2_only() {
+    let full = |v: &str| {
+        BTreeMap::from([(
+            crate::annotations::PROXY_PROTOCOL_TO_POD.to_string(),
+            v.to_string(),
+        )])
+    };
+    // (value, Ok(on) or Err(reason))
+    let cases: [(&str, Result<bool, &str>); 4] = [
+        ("v2", Ok(true)),
+        (" v2 ", Ok(true)),
+        ("v1", Err("only supported value is \"v2\"")),
+        ("true", Err("only supported value is \"v2\"")),
+    ];
+    for (value, want) in cases {
+        match (parse(&full(value)), want) {
+            (Ok(o), Ok(on)) => assert_eq!(o.proxy_protocol_to_pod, on, "{value:?}"),
+            (Err(errs), Err(reason)) => {
+                assert_eq!(errs.len(), 1, "{value:?}: {errs:?}");
+                assert_eq!(
+                    errs[0].annotation,
+                    crate::annotations::PROXY_PROTOCOL_TO_POD
+                );
+                assert!(
+                    errs[0].reason.contains(reason),
+                    "{value:?}: {}",
+                    errs[0].reason
+                );
+            }
+            (got, want) => panic!("{value:?}: got {got:?}, want {want:?}"),
+        }
+    }
+    assert!(!parse(&BTreeMap::new()).unwrap().proxy_protocol_to_pod);
+}

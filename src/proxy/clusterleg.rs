@@ -100,7 +100,9 @@ impl ClusterLeg {
     pub async fn remove(&mut self) {
         match self.nft.run(&nft::deletion(&self.nft.table)).await {
             Ok(()) => info!(table = %self.nft.table, "nftables table removed"),
-            Err(e) => warn!(table = %self.nft.table, error = %e, "cannot remove the nftables table"),
+            Err(e) => {
+                warn!(table = %self.nft.table, error = %e, "cannot remove the nftables table")
+            }
         }
         self.applied = None;
     }
@@ -175,7 +177,12 @@ impl ClusterLeg {
                 protocol: key.protocol,
                 node_port: local_port,
             };
-            PortState::new(frontend_key, metrics.clone(), s.timeouts, Arc::clone(&s.caps))
+            PortState::new(
+                frontend_key,
+                metrics.clone(),
+                s.timeouts,
+                Arc::clone(&s.caps),
+            )
         };
         let bound = match key.protocol {
             Protocol::Tcp => tcp::bind(any).and_then(|listener| {

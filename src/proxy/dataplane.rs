@@ -13,10 +13,10 @@ use tracing::{info, warn};
 
 use super::clusterleg::{ClusterLeg, Shared};
 use super::frontend::{Caps, Lifecycle, PortState, Timeouts};
-use super::nft::Nft;
 use super::health::{self, ProxyHealth};
 use super::http::{self, HttpLimits, HttpThread};
 use super::metrics::Metrics;
+use super::nft::Nft;
 use super::table::{Frontend, FrontendKey, HealthCheck, Protocol, Table};
 use super::{tcp, udp};
 

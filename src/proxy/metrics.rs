@@ -227,7 +227,12 @@ impl Metrics {
 
     /// Handles for a frontend whose `node_port` label is `node_port` (a number, or
     /// `cluster-ip` / `external-ip` on the ClusterIP leg).
-    pub fn frontend(&self, protocol: Protocol, node_port: String, svc: &ServicePortName) -> PortMetrics {
+    pub fn frontend(
+        &self,
+        protocol: Protocol,
+        node_port: String,
+        svc: &ServicePortName,
+    ) -> PortMetrics {
         let labels = PortLabels {
             namespace: svc.namespace.clone(),
             service: svc.name.clone(),

@@ -223,7 +223,10 @@ mod tests {
 
     #[test]
     fn ipv6_vips_are_skipped() {
-        let vips: Vec<SocketAddr> = vec!["10.96.0.1:80".parse().unwrap(), "[fd00::1]:80".parse().unwrap()];
+        let vips: Vec<SocketAddr> = vec![
+            "10.96.0.1:80".parse().unwrap(),
+            "[fd00::1]:80".parse().unwrap(),
+        ];
         assert_eq!(
             Redirect::of(Protocol::Tcp, &vips, 9),
             vec![r(Protocol::Tcp, "10.96.0.1:80", 9)]
@@ -244,9 +247,6 @@ mod tests {
         ] {
             assert_eq!(valid_table_name(name), ok, "{name:?}");
         }
-        assert_eq!(
-            deletion("t"),
-            "table ip t {}\ndelete table ip t\n"
-        );
+        assert_eq!(deletion("t"), "table ip t {}\ndelete table ip t\n");
     }
 }

@@ -134,10 +134,28 @@ mod tests {
     #[test]
     fn headers_round_trip() {
         let cases: [(&str, &str, usize, &str, &str); 3] = [
-            ("10.1.2.3:40000", "10.213.0.5:30080", 28, "10.1.2.3:40000", "10.213.0.5:30080"),
-            ("[2001:db8::1]:443", "[2001:db8::2]:80", 52, "[2001:db8::1]:443", "[2001:db8::2]:80"),
+            (
+                "10.1.2.3:40000",
+                "10.213.0.5:30080",
+                28,
+                "10.1.2.3:40000",
+                "10.213.0.5:30080",
+            ),
+            (
+                "[2001:db8::1]:443",
+                "[2001:db8::2]:80",
+                52,
+                "[2001:db8::1]:443",
+                "[2001:db8::2]:80",
+            ),
             // mixed families: both as IPv6, the v4 one mapped
-            ("10.1.2.3:1", "[2001:db8::2]:80", 52, "[::ffff:10.1.2.3]:1", "[2001:db8::2]:80"),
+            (
+                "10.1.2.3:1",
+                "[2001:db8::2]:80",
+                52,
+                "[::ffff:10.1.2.3]:1",
+                "[2001:db8::2]:80",
+            ),
         ];
         for (src, dst, len, want_src, want_dst) in cases {
             let h = header(src.parse().unwrap(), dst.parse().unwrap());
@@ -146,7 +164,10 @@ mod tests {
             assert_eq!(usize::from(u16::from_be_bytes([h[14], h[15]])), len - 16);
             let (fixed, body) = split(&h);
             let (s, d) = parse(&fixed, body).unwrap().unwrap();
-            assert_eq!((s, d), (want_src.parse().unwrap(), want_dst.parse().unwrap()));
+            assert_eq!(
+                (s, d),
+                (want_src.parse().unwrap(), want_dst.parse().unwrap())
+            );
         }
     }
 
@@ -157,7 +178,9 @@ mod tests {
             "192.0.2.2:443".parse().unwrap(),
         );
         let mut want = SIGNATURE.to_vec();
-        want.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 1, 192, 0, 2, 2, 0xdc, 0x04, 1, 0xbb]);
+        want.extend_from_slice(&[
+            0x21, 0x11, 0, 12, 192, 0, 2, 1, 192, 0, 2, 2, 0xdc, 0x04, 1, 0xbb,
+        ]);
         assert_eq!(h, want);
     }
 
@@ -172,11 +195,11 @@ mod tests {
         // (header, Ok(has addresses) or Err)
         let cases: Vec<(Vec<u8>, Result<bool, ()>)> = vec![
             (good.clone(), Ok(true)),
-            (with(0, b'X'), Err(())),          // signature
-            (with(12, 0x20), Ok(false)),       // LOCAL
-            (with(12, 0x11), Err(())),         // version 1 in a v2 header
-            (with(13, 0x00), Ok(false)),       // UNSPEC family
-            (good[..20].to_vec(), Err(())),    // truncated address block
+            (with(0, b'X'), Err(())),       // signature
+            (with(12, 0x20), Ok(false)),    // LOCAL
+            (with(12, 0x11), Err(())),      // version 1 in a v2 header
+            (with(13, 0x00), Ok(false)),    // UNSPEC family
+            (good[..20].to_vec(), Err(())), // truncated address block
         ];
         for (i, (h, want)) in cases.into_iter().enumerate() {
             let (fixed, body) = split(&h);
@@ -197,7 +220,10 @@ mod tests {
             s.write_all(&bytes).await.unwrap();
         });
         let (mut server, _) = listener.accept().await.unwrap();
-        let (src, _) = read(&mut server, Duration::from_secs(5)).await.unwrap().unwrap();
+        let (src, _) = read(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(src, "10.9.8.7:1234".parse().unwrap());
         let mut rest = Vec::new();
         server.read_to_end(&mut rest).await.unwrap();

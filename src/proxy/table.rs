@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::vips::{self, VipFrontend, VipKey};
@@ -203,8 +203,8 @@ pub(super) struct Candidate {
     local: bool,
 }
 
-/// Builds the table. Slices not labelled with a Service, Services without node ports, and ports
-/// that are neither TCP nor UDP are skipped.
+/// Builds the table. Slices not labelled with a Service and ports that are neither TCP nor UDP
+/// are skipped; node-port frontends need a nodePort, the ClusterIP leg a clusterIP or externalIP.
 pub fn build(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
@@ -220,96 +220,14 @@ pub fn build(
         if !opts.serves(svc, kind) {
             continue;
         }
-        let namespace = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
-        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            let secs = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|s| u64::try_from(s).ok())
-                .unwrap_or(DEFAULT_AFFINITY_SECONDS);
-            Duration::from_secs(secs)
-        });
+        let namespace = svc.metadata.namespace.as_deref().unwrap_or_default();
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
         let svc_slices = slices_by_service
-            .get(&(namespace.as_str(), name.as_str()))
+            .get(&(namespace, name))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let mut local_ready = BTreeSet::new();
-        let to_pod = proxy_protocol_to_pod(svc);
-        // Only read when a header goes to the pod; parse errors are the controller's to report.
-        let lb_options = to_pod
-            .then(|| crate::annotations::parse(svc.metadata.annotations.as_ref()?).ok())
-            .flatten();
-        let vip_policy = vips::Policies::of(spec);
-        for port in spec.ports.iter().flatten() {
-            let candidates = candidates(port, svc_slices, &opts.node_name);
-            local_ready.extend(
-                candidates
-                    .iter()
-                    .filter(|c| c.local && c.ready)
-                    .map(|c| c.addr),
-            );
-            let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
-                continue;
-            };
-            let service = ServicePortName {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                port: port.name.clone().unwrap_or_default(),
-            };
-            let proxy_protocol = ProxyProtocol {
-                from_load_balancer: lb_options.as_ref().is_some_and(|o| {
-                    crate::model::build::proxy_protocol_v2_enabled(o, port.port)
-                }),
-                to_pod,
-            };
-            let serving = sorted(
-                candidates
-                    .iter()
-                    .filter(|c| c.serving || c.ready)
-                    .map(|c| c.addr),
-            );
-            vips::insert(
-                &mut table.vips,
-                &vip_policy,
-                port,
-                protocol,
-                Frontend {
-                    service: service.clone(),
-                    targets: Vec::new(),
-                    serving: serving.clone(),
-                    affinity,
-                    proxy_protocol: ProxyProtocol {
-                        from_load_balancer: false,
-                        to_pod,
-                    },
-                },
-                &candidates,
-            );
-            let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) else {
-                continue;
-            };
-            if node_port == 0 {
-                continue;
-            }
-            let frontend = Frontend {
-                service,
-                targets: targets(&candidates, local_only),
-                serving,
-                affinity,
-                proxy_protocol,
-            };
-            table.frontends.insert(
-                FrontendKey {
-                    protocol,
-                    node_port,
-                },
-                Arc::new(frontend),
-            );
-        }
+        let local_ready = add_service(&mut table, svc, spec, svc_slices, opts);
+        let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
         let hc_port = spec
             .health_check_node_port
             .and_then(|p| u16::try_from(p).ok())
@@ -318,14 +236,118 @@ pub fn build(
             table.health_checks.insert(
                 port,
                 HealthCheck {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    local_endpoints: local_ready.len(),
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    local_endpoints: local_ready,
                 },
             );
         }
     }
     table
+}
+
+/// Adds one served Service's frontends (node ports and the ClusterIP leg); returns its ready
+/// endpoints on this node (distinct address:port over its ports), for its health check.
+fn add_service(
+    table: &mut Table,
+    svc: &Service,
+    spec: &ServiceSpec,
+    svc_slices: &[&EndpointSlice],
+    opts: &TableOptions,
+) -> usize {
+    let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+    let affinity = affinity(spec);
+    let to_pod = proxy_protocol_to_pod(svc);
+    // Only read when a header goes to the pod; parse errors are the controller's to report.
+    let lb_options = to_pod
+        .then(|| crate::annotations::parse(svc.metadata.annotations.as_ref()?).ok())
+        .flatten();
+    let vip_policy = vips::Policies::of(spec);
+    let mut local_ready = BTreeSet::new();
+    for port in spec.ports.iter().flatten() {
+        let candidates = candidates(port, svc_slices, &opts.node_name);
+        local_ready.extend(
+            candidates
+                .iter()
+                .filter(|c| c.local && c.ready)
+                .map(|c| c.addr),
+        );
+        let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
+            continue;
+        };
+        let cluster_leg = Frontend {
+            service: ServicePortName {
+                namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+                name: svc.metadata.name.clone().unwrap_or_default(),
+                port: port.name.clone().unwrap_or_default(),
+            },
+            targets: Vec::new(),
+            serving: sorted(
+                candidates
+                    .iter()
+                    .filter(|c| c.serving || c.ready)
+                    .map(|c| c.addr),
+            ),
+            affinity,
+            proxy_protocol: ProxyProtocol {
+                from_load_balancer: false,
+                to_pod,
+            },
+        };
+        let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) else {
+            vips::insert(
+                &mut table.vips,
+                &vip_policy,
+                port,
+                protocol,
+                cluster_leg,
+                &candidates,
+            );
+            continue;
+        };
+        let frontend = Frontend {
+            targets: targets(&candidates, local_only),
+            proxy_protocol: ProxyProtocol {
+                from_load_balancer: lb_options
+                    .as_ref()
+                    .is_some_and(|o| crate::model::build::proxy_protocol_v2_enabled(o, port.port)),
+                to_pod,
+            },
+            ..cluster_leg.clone()
+        };
+        vips::insert(
+            &mut table.vips,
+            &vip_policy,
+            port,
+            protocol,
+            cluster_leg,
+            &candidates,
+        );
+        if node_port != 0 {
+            table.frontends.insert(
+                FrontendKey {
+                    protocol,
+                    node_port,
+                },
+                Arc::new(frontend),
+            );
+        }
+    }
+    local_ready.len()
+}
+
+/// `sessionAffinity: ClientIP` with its timeout (Kubernetes' default when unset).
+fn affinity(spec: &ServiceSpec) -> Option<Duration> {
+    (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let secs = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(DEFAULT_AFFINITY_SECONDS);
+        Duration::from_secs(secs)
+    })
 }
 
 /// Whether the Service asks for a PROXY v2 header to its pods (any other value is refused by
@@ -430,461 +452,5 @@ fn sorted(addrs: impl Iterator<Item = SocketAddr>) -> Vec<SocketAddr> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    const NODE: &str = "node-a";
-
-    /// A Service labelled for this proxy (`cloudlb`).
-    fn svc(name: &str, spec: serde_json::Value) -> Arc<Service> {
-        svc_labelled(name, Some("cloudlb"), spec)
-    }
-
-    fn svc_labelled(name: &str, proxy: Option<&str>, spec: serde_json::Value) -> Arc<Service> {
-        let labels = match proxy {
-            Some(p) => json!({SERVICE_PROXY_NAME_LABEL: p}),
-            None => json!({}),
-        };
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": {"namespace": "ns", "name": name, "labels": labels},
-                "spec": spec,
-            }))
-            .unwrap(),
-        )
-    }
-
-    fn lb(ports: serde_json::Value) -> serde_json::Value {
-        json!({"type": "LoadBalancer", "ports": ports})
-    }
-
-    /// An endpoint: (ip, node, ready, serving, terminating); `None` leaves a condition unset.
-    type Ep<'a> = (&'a str, &'a str, Option<bool>, Option<bool>, Option<bool>);
-
-    fn slice(
-        name: &str,
-        service: &str,
-        ports: serde_json::Value,
-        endpoints: &[Ep<'_>],
-    ) -> Arc<EndpointSlice> {
-        let eps: Vec<_> = endpoints
-            .iter()
-            .map(|(ip, node, ready, serving, terminating)| {
-                json!({"addresses": [ip], "nodeName": node, "conditions": {
-                    "ready": ready, "serving": serving, "terminating": terminating}})
-            })
-            .collect();
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": {"namespace": "ns", "name": name,
-                             "labels": {SERVICE_NAME_LABEL: service}},
-                "addressType": "IPv4",
-                "ports": ports,
-                "endpoints": eps,
-            }))
-            .unwrap(),
-        )
-    }
-
-    fn a(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    fn tcp(port: u16) -> FrontendKey {
-        FrontendKey {
-            protocol: Protocol::Tcp,
-            node_port: port,
-        }
-    }
-
-    fn opts() -> TableOptions {
-        TableOptions {
-            node_name: NODE.into(),
-            service_proxy_name: "cloudlb".into(),
-            load_balancer_class: "cloudlb.io/nlb".into(),
-            ..TableOptions::default()
-        }
-    }
-
-    const READY: (Option<bool>, Option<bool>, Option<bool>) = (Some(true), Some(true), Some(false));
-    const TERMINATING: (Option<bool>, Option<bool>, Option<bool>) =
-        (Some(false), Some(true), Some(true));
-    const NOT_READY: (Option<bool>, Option<bool>, Option<bool>) =
-        (Some(false), Some(false), Some(false));
-    const UNSET: (Option<bool>, Option<bool>, Option<bool>) = (None, None, None);
-
-    fn ep<'a>(ip: &'a str, node: &'a str, c: (Option<bool>, Option<bool>, Option<bool>)) -> Ep<'a> {
-        (ip, node, c.0, c.1, c.2)
-    }
-
-    #[test]
-    fn endpoint_conditions_choose_targets_like_kube_proxy() {
-        struct Case {
-            what: &'static str,
-            local: bool,
-            endpoints: Vec<Ep<'static>>,
-            targets: Vec<&'static str>,
-        }
-        let cases = [
-            Case {
-                what: "ready ones only",
-                local: false,
-                endpoints: vec![
-                    ep("10.0.0.1", NODE, READY),
-                    ep("10.0.0.2", "b", NOT_READY),
-                    ep("10.0.0.3", "b", TERMINATING),
-                ],
-                targets: vec!["10.0.0.1:8080"],
-            },
-            Case {
-                what: "unset conditions read as ready",
-                local: false,
-                endpoints: vec![ep("10.0.0.1", "b", UNSET)],
-                targets: vec!["10.0.0.1:8080"],
-            },
-            Case {
-                what: "serving+terminating only when nothing is ready",
-                local: false,
-                endpoints: vec![
-                    ep("10.0.0.2", "b", NOT_READY),
-                    ep("10.0.0.3", "b", TERMINATING),
-                ],
-                targets: vec!["10.0.0.3:8080"],
-            },
-            Case {
-                what: "nothing serving: no targets",
-                local: false,
-                endpoints: vec![ep("10.0.0.2", "b", NOT_READY)],
-                targets: vec![],
-            },
-            Case {
-                what: "Local: remote ready endpoints never used",
-                local: true,
-                endpoints: vec![ep("10.0.0.1", NODE, READY), ep("10.0.0.2", "b", READY)],
-                targets: vec!["10.0.0.1:8080"],
-            },
-            Case {
-                what: "Local: no local endpoint means no target, even with remote ready",
-                local: true,
-                endpoints: vec![ep("10.0.0.2", "b", READY)],
-                targets: vec![],
-            },
-            Case {
-                what: "Local: local terminating used when no local is ready",
-                local: true,
-                endpoints: vec![
-                    ep("10.0.0.1", NODE, TERMINATING),
-                    ep("10.0.0.2", "b", READY),
-                ],
-                targets: vec!["10.0.0.1:8080"],
-            },
-        ];
-        for case in cases {
-            let mut spec = lb(json!([{"port": 80, "nodePort": 30080, "targetPort": 8080}]));
-            if case.local {
-                spec["externalTrafficPolicy"] = "Local".into();
-            }
-            let services = [svc("web", spec)];
-            let slices = [slice(
-                "web-1",
-                "web",
-                json!([{"port": 8080}]),
-                &case.endpoints,
-            )];
-            let table = build(&services, &slices, &opts());
-            let fe = &table.frontends[&tcp(30080)];
-            let want: Vec<_> = case.targets.iter().map(|s| a(s)).collect();
-            assert_eq!(fe.targets, want, "{}", case.what);
-        }
-    }
-
-    #[test]
-    fn named_target_ports_resolve_per_slice_and_protocols_stay_apart() {
-        let services = [svc(
-            "dns",
-            lb(json!([
-                {"name": "dns-udp", "protocol": "UDP", "port": 53, "nodePort": 30053, "targetPort": "dns"},
-                {"name": "dns-tcp", "protocol": "TCP", "port": 53, "nodePort": 30053, "targetPort": "dns"},
-            ])),
-        )];
-        // Two slices (two pod templates) resolve the named port to different numbers.
-        let slices = [
-            slice(
-                "dns-1",
-                "dns",
-                json!([{"name": "dns-udp", "protocol": "UDP", "port": 5353},
-                       {"name": "dns-tcp", "protocol": "TCP", "port": 5354}]),
-                &[ep("10.0.0.1", NODE, READY)],
-            ),
-            slice(
-                "dns-2",
-                "dns",
-                json!([{"name": "dns-udp", "protocol": "UDP", "port": 1053},
-                       {"name": "dns-tcp", "protocol": "TCP", "port": 1054}]),
-                &[ep("10.0.0.2", NODE, READY)],
-            ),
-        ];
-        let table = build(&services, &slices, &opts());
-        let udp = FrontendKey {
-            protocol: Protocol::Udp,
-            node_port: 30053,
-        };
-        assert_eq!(
-            table.frontends[&udp].targets,
-            vec![a("10.0.0.1:5353"), a("10.0.0.2:1053")]
-        );
-        assert_eq!(
-            table.frontends[&tcp(30053)].targets,
-            vec![a("10.0.0.1:5354"), a("10.0.0.2:1054")]
-        );
-        assert_eq!(table.frontends[&udp].service.port, "dns-udp");
-    }
-
-    #[test]
-    fn service_types_and_ports_that_get_a_frontend() {
-        struct Case {
-            what: &'static str,
-            spec: serde_json::Value,
-            ports: Vec<FrontendKey>,
-        }
-        let p = json!([{"port": 80, "nodePort": 30080}]);
-        let cases = [
-            Case {
-                what: "LoadBalancer",
-                spec: lb(p.clone()),
-                ports: vec![tcp(30080)],
-            },
-            Case {
-                what: "NodePort (labelled: this proxy implements the whole Service)",
-                spec: json!({"type": "NodePort", "ports": p.clone()}),
-                ports: vec![tcp(30080)],
-            },
-            Case {
-                what: "ClusterIP never",
-                spec: json!({"type": "ClusterIP", "ports": [{"port": 80}]}),
-                ports: vec![],
-            },
-            Case {
-                what: "no nodePort allocated (allocateLoadBalancerNodePorts false)",
-                spec: lb(json!([{"port": 80}])),
-                ports: vec![],
-            },
-            Case {
-                what: "SCTP skipped",
-                spec: lb(json!([{"port": 80, "nodePort": 30080, "protocol": "SCTP"},
-                                {"name": "b", "port": 81, "nodePort": 30081}])),
-                ports: vec![tcp(30081)],
-            },
-        ];
-        for case in cases {
-            let services = [svc("s", case.spec)];
-            let table = build(&services, &[], &opts());
-            let got: Vec<_> = table.frontends.keys().copied().collect();
-            assert_eq!(got, case.ports, "{}", case.what);
-        }
-    }
-
-    #[test]
-    fn only_services_for_this_proxy_are_served() {
-        struct Case {
-            what: &'static str,
-            label: Option<&'static str>,
-            spec: serde_json::Value,
-            /// serve_unlabelled, default_class, nodeport_services
-            flags: (bool, bool, bool),
-            served: bool,
-        }
-        let p = json!([{"port": 80, "nodePort": 30080}]);
-        let lb_class = |class: &str| json!({"type": "LoadBalancer", "loadBalancerClass": class, "ports": p.clone()});
-        let nodeport = json!({"type": "NodePort", "ports": p.clone()});
-        let none = (false, false, false);
-        let all = (true, true, true);
-        let cases = [
-            Case {
-                what: "labelled for this proxy",
-                label: Some("cloudlb"),
-                spec: lb(p.clone()),
-                flags: none,
-                served: true,
-            },
-            Case {
-                what: "labelled, any class",
-                label: Some("cloudlb"),
-                spec: lb_class("other.io/lb"),
-                flags: none,
-                served: true,
-            },
-            Case {
-                what: "labelled for another proxy",
-                label: Some("cilium"),
-                spec: lb(p.clone()),
-                flags: all,
-                served: false,
-            },
-            Case {
-                what: "labelled for another proxy, our class",
-                label: Some("cilium"),
-                spec: lb_class("cloudlb.io/nlb"),
-                flags: all,
-                served: false,
-            },
-            Case {
-                what: "unlabelled: kube-proxy's by default",
-                label: None,
-                spec: lb_class("cloudlb.io/nlb"),
-                flags: none,
-                served: false,
-            },
-            Case {
-                what: "unlabelled, our class, --serve-unlabelled",
-                label: None,
-                spec: lb_class("cloudlb.io/nlb"),
-                flags: (true, false, false),
-                served: true,
-            },
-            Case {
-                what: "unlabelled, another class",
-                label: None,
-                spec: lb_class("other.io/lb"),
-                flags: all,
-                served: false,
-            },
-            Case {
-                what: "unlabelled, class-less, no --default-class",
-                label: None,
-                spec: lb(p.clone()),
-                flags: (true, false, true),
-                served: false,
-            },
-            Case {
-                what: "unlabelled, class-less, --default-class",
-                label: None,
-                spec: lb(p.clone()),
-                flags: (true, true, false),
-                served: true,
-            },
-            Case {
-                what: "unlabelled NodePort without --nodeport-services",
-                label: None,
-                spec: nodeport.clone(),
-                flags: (true, true, false),
-                served: false,
-            },
-            Case {
-                what: "unlabelled NodePort with --nodeport-services",
-                label: None,
-                spec: nodeport.clone(),
-                flags: (true, false, true),
-                served: true,
-            },
-            Case {
-                what: "--nodeport-services alone does not serve unlabelled",
-                label: None,
-                spec: nodeport.clone(),
-                flags: (false, false, true),
-                served: false,
-            },
-        ];
-        for case in cases {
-            let (serve_unlabelled, default_class, nodeport_services) = case.flags;
-            let o = TableOptions {
-                serve_unlabelled,
-                default_class,
-                nodeport_services,
-                ..opts()
-            };
-            let services = [svc_labelled("s", case.label, case.spec)];
-            let table = build(&services, &[], &o);
-            assert_eq!(!table.frontends.is_empty(), case.served, "{}", case.what);
-        }
-    }
-
-    #[test]
-    fn health_check_counts_local_ready_endpoints_of_local_services() {
-        struct Case {
-            what: &'static str,
-            policy: &'static str,
-            endpoints: Vec<Ep<'static>>,
-            want: Option<usize>,
-        }
-        let cases = [
-            Case {
-                what: "two local ready, remote and terminating not counted",
-                policy: "Local",
-                endpoints: vec![
-                    ep("10.0.0.1", NODE, READY),
-                    ep("10.0.0.2", NODE, READY),
-                    ep("10.0.0.3", "b", READY),
-                    ep("10.0.0.4", NODE, TERMINATING),
-                ],
-                want: Some(2),
-            },
-            Case {
-                what: "none local",
-                policy: "Local",
-                endpoints: vec![ep("10.0.0.3", "b", READY)],
-                want: Some(0),
-            },
-            Case {
-                what: "policy Cluster has no health check server",
-                policy: "Cluster",
-                endpoints: vec![ep("10.0.0.1", NODE, READY)],
-                want: None,
-            },
-        ];
-        for case in cases {
-            let mut spec = lb(json!([{"port": 80, "nodePort": 30080, "targetPort": 8080}]));
-            spec["externalTrafficPolicy"] = case.policy.into();
-            spec["healthCheckNodePort"] = 32000.into();
-            let services = [svc("web", spec)];
-            let slices = [slice("w", "web", json!([{"port": 8080}]), &case.endpoints)];
-            let table = build(&services, &slices, &opts());
-            let got = table.health_checks.get(&32000).map(|h| h.local_endpoints);
-            assert_eq!(got, case.want, "{}", case.what);
-            if let Some(hc) = table.health_checks.get(&32000) {
-                assert_eq!((hc.namespace.as_str(), hc.name.as_str()), ("ns", "web"));
-            }
-        }
-    }
-
-    #[test]
-    fn affinity_serving_set_and_unrelated_slices() {
-        let mut spec = lb(json!([{"port": 80, "nodePort": 30080}]));
-        spec["sessionAffinity"] = "ClientIP".into();
-        let mut spec2 = lb(json!([{"port": 80, "nodePort": 30081}]));
-        spec2["sessionAffinity"] = "ClientIP".into();
-        spec2["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 60}});
-        let services = [svc("a", spec), svc("b", spec2)];
-        let slices = [
-            slice(
-                "a-1",
-                "a",
-                json!([{"port": 8080}]),
-                &[
-                    ep("10.0.0.1", "b", READY),
-                    ep("10.0.0.2", "b", TERMINATING),
-                    ep("10.0.0.3", "b", NOT_READY),
-                ],
-            ),
-            // A slice of another namespace with the same Service name does not leak in.
-            Arc::new(
-                serde_json::from_value(json!({
-                    "metadata": {"namespace": "other", "name": "x",
-                                 "labels": {SERVICE_NAME_LABEL: "b"}},
-                    "addressType": "IPv4", "ports": [{"port": 1}],
-                    "endpoints": [{"addresses": ["10.9.9.9"]}],
-                }))
-                .unwrap(),
-            ),
-        ];
-        let table = build(&services, &slices, &opts());
-        let fa = &table.frontends[&tcp(30080)];
-        assert_eq!(fa.affinity, Some(Duration::from_secs(10_800)));
-        assert_eq!(fa.targets, vec![a("10.0.0.1:8080")]);
-        assert_eq!(fa.serving, vec![a("10.0.0.1:8080"), a("10.0.0.2:8080")]);
-        let fb = &table.frontends[&tcp(30081)];
-        assert_eq!(fb.affinity, Some(Duration::from_secs(60)));
-        assert!(fb.targets.is_empty());
-    }
-}
+#[path = "table_tests.rs"]
+mod tests;
