@@ -180,6 +180,10 @@ mod tests {
         }
     }
 
+    /// (ip, node) and (ready, serving, terminating) of one endpoint.
+    type Where = (&'static str, &'static str);
+    type Conditions = (bool, bool, bool);
+
     #[test]
     fn cluster_leg_frontends() {
         let ours = json!({"service.kubernetes.io/service-proxy-name": "cloudlb"});
@@ -200,7 +204,7 @@ mod tests {
             what: &'static str,
             labels: Value,
             spec: Value,
-            endpoints: Vec<((&'static str, &'static str), (bool, bool, bool))>,
+            endpoints: Vec<(Where, Conditions)>,
             /// (leg, vips, targets)
             want: Vec<(Leg, Vec<&'static str>, Vec<&'static str>)>,
         }
