@@ -285,10 +285,15 @@ fn health_check_port(svc: &Service) -> u16 {
     svc.spec.as_ref().unwrap().health_check_node_port.unwrap() as u16
 }
 
-/// Sums the samples of `metric` whose labels contain every `want` pair.
+/// Sums the samples of `metric` whose labels contain every `want` pair, over the Service's
+/// node-port frontends (its ClusterIP-leg listeners have series of their own, labelled
+/// `node_port="cluster-ip"` / `"external-ip"`).
 fn metric_sum(text: &str, metric: &str, want: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| {
+            !l.contains("node_port=\"cluster-ip\"") && !l.contains("node_port=\"external-ip\"")
+        })
         .filter(|l| {
             want.iter()
                 .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
@@ -817,13 +822,16 @@ async fn endpoint_changes_under_load_fail_no_request_and_cut_no_connection() {
     // The change was applied in place: the Service's listener was bound once, never again.
     let log = node.proxy_log();
     let svc_name = format!("{}/load", w.ns.name);
-    let lines = |what: &str| {
+    // (ClusterIP-leg lines name their leg; node-port lines their frontend.)
+    let lines = |what: &str, leg: bool| {
         log.lines()
-            .filter(|l| l.contains(what) && l.contains(&svc_name))
+            .filter(|l| l.contains(what) && l.contains(&svc_name) && l.contains("leg=") == leg)
             .count()
     };
-    assert!(lines("endpoints changed") >= 1, "{log}");
-    assert_eq!(lines("listening"), 1, "{log}");
+    assert!(lines("endpoints changed", false) >= 1, "{log}");
+    assert_eq!(lines("listening", false), 1, "{log}");
+    // and so was its ClusterIP listener
+    assert_eq!(lines("listening", true), 1, "{log}");
 }
 
 #[tokio::test]
