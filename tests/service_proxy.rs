@@ -555,7 +555,7 @@ async fn cluster_ip_endpoint_changes_under_load_cut_no_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nft_table_survives_no_sigkill_follows_deletion_and_goes_on_shutdown() {
+async fn nft_table_is_replaced_after_sigkill_follows_deletion_and_goes_on_shutdown() {
     let mut w = LegWorld::new("sp-life").await;
     let node = w.node_obj.name.clone();
     let _a = w.pod("pod-a", "life", &node).await;
