@@ -52,6 +52,9 @@ pub struct EmulatorConfig {
     pub poll_interval: Duration,
     /// Where to write the `DNS-NAME ADDRESS` map after each change.
     pub map_file: Option<PathBuf>,
+    /// How long a newly registered target waits for its first health check, staying `initial`
+    /// (AWS takes a while to register a target; unscaled). Zero by default.
+    pub registration_delay: Duration,
 }
 
 impl EmulatorConfig {
@@ -62,6 +65,7 @@ impl EmulatorConfig {
             time_scale: 0.05,
             poll_interval: Duration::from_millis(300),
             map_file: None,
+            registration_delay: Duration::ZERO,
         }
     }
 }
@@ -314,6 +318,12 @@ impl Emulator {
             .collect()
     }
 
+    /// A handle on the emulator's target health, for the rig's AWS endpoint
+    /// ([`super::health_endpoint`]) to answer `DescribeTargetHealth` from.
+    pub fn health_view(&self) -> HealthView {
+        HealthView(self.shared.clone())
+    }
+
     /// Every health transition so far.
     pub fn transitions(&self) -> Vec<Transition> {
         self.shared.transitions.lock().unwrap().clone()
@@ -333,6 +343,25 @@ impl Emulator {
         for lb in lbs.values() {
             release_address(&self.shared.config.netns, lb.address);
         }
+    }
+}
+
+/// Read-only view of the emulated NLB's target health (cheap to clone).
+#[derive(Clone)]
+pub struct HealthView(Arc<Shared>);
+
+impl HealthView {
+    /// `(target id, port) → health` of every target the emulator tracks in the group, draining
+    /// ones included; `None` when it does not serve the group (yet).
+    pub fn target_group(&self, arn: &str) -> Option<BTreeMap<(String, i32), Health>> {
+        let tg = self.0.state.lock().unwrap().target_groups.get(arn)?.clone();
+        let targets = tg.targets.lock().unwrap();
+        Some(
+            targets
+                .iter()
+                .map(|(k, t)| (k.clone(), t.health()))
+                .collect(),
+        )
     }
 }
 
@@ -956,6 +985,7 @@ async fn health_checker(
     tg: Arc<TgRuntime>,
     target: std::sync::Weak<TargetRuntime>,
 ) {
+    tokio::time::sleep(shared.config.registration_delay).await;
     loop {
         let settings = tg.settings.lock().unwrap().clone();
         let Some(t) = target.upgrade() else { return };

@@ -7,6 +7,7 @@ pub mod backends;
 pub mod cloud;
 pub mod emulator;
 pub mod faultproxy;
+pub mod health_endpoint;
 pub mod netns;
 
 use std::path::{Path, PathBuf};
