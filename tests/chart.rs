@@ -837,7 +837,11 @@ async fn installed_chart_gives_the_controller_exactly_its_permissions() {
         ("", "create", "targetgroupbindings.cloudlb.io", false),
         ("", "delete", "targetgroupbindings.cloudlb.io", false),
         ("", "create", "events", false),
-        ("", "list", "pods", false),
+        // Pods: read for their readiness gates, the gate condition patched; nothing else.
+        ("", "list", "pods", true),
+        ("", "patch", "pods/status", true),
+        ("", "patch", "pods", false),
+        ("", "delete", "pods", false),
         ("", "get", "secrets", false),
         ("", "list", "configmaps", false),
         ("", "create", "leases.coordination.k8s.io", false),

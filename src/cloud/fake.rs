@@ -454,6 +454,25 @@ impl Cloud for FakeCloud {
         Box::pin(async move { Ok(None) })
     }
 
+    fn target_health<'a>(
+        &'a self,
+        arn: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<crate::cloud::TargetHealth>>, CloudError>> {
+        self.journal.push(format!("cloud:target-health {arn}"));
+        let s = self.state.lock().expect("fake lock");
+        let out = s.target_groups.get(arn).map(|tg| {
+            tg.targets
+                .iter()
+                .map(|t| crate::cloud::TargetHealth {
+                    target: t.clone(),
+                    state: "healthy".into(),
+                    reason: None,
+                })
+                .collect()
+        });
+        Box::pin(async move { Ok(out) })
+    }
+
     fn register_targets<'a>(
         &'a self,
         arn: &'a str,

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod orphans;
 pub mod plan_cmd;
 pub mod policy;
+pub mod readiness;
 pub mod service;
 pub mod status;
 #[cfg(test)]
@@ -183,6 +184,9 @@ pub struct ControllerArgs {
     /// How long an orphan must stay orphaned before it is deleted.
     #[arg(long, env = "CLOUDLB_ORPHAN_GRACE_SECONDS", default_value_t = 600)]
     pub orphan_grace_seconds: u64,
+    /// Pod readiness gates (see [`readiness`]).
+    #[command(flatten)]
+    pub readiness: readiness::ReadinessArgs,
 }
 
 /// The finalizer of the default class: it guarantees teardown before a Service disappears.
@@ -242,6 +246,8 @@ pub struct Context {
     pub leading: CancellationToken,
     /// The TargetGroupBinding controller's memory.
     pub bindings: binding::State,
+    /// Pods waiting only on their readiness gates (kept by [`readiness`]).
+    pub gated: readiness::Waiting,
 }
 
 impl Context {
@@ -366,6 +372,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         leading: leading.clone(),
         services_memory: service::Memory::default(),
         bindings: binding::State::default(),
+        gated: readiness::Waiting::default(),
     });
 
     // The Service controller drives the three watch streams; the binding controller gets a copy
@@ -593,8 +600,18 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 .collect();
             futures::stream::iter(wake)
         });
+    // Pods that wait only on their readiness gates become targets: their Service is woken.
+    let (gate_tx, gate_rx) = futures::channel::mpsc::unbounded::<ObjectRef<Service>>();
+    tokio::spawn(readiness::run(
+        ctx.clone(),
+        client.clone(),
+        args.readiness.clone(),
+        gate_tx,
+        shutdown.clone(),
+    ));
     let services = controller
         .reconcile_on(node_wakes)
+        .reconcile_on(gate_rx)
         .reconcile_on(slice_wakes)
         .reconcile_all_on(lead_rx)
         .graceful_shutdown_on(stop())

@@ -126,6 +126,7 @@ fn with_view<T>(svc: &Service, ctx: &Context, f: impl FnOnce(&View) -> T) -> T {
             .get(&key)
             .unwrap_or_default(),
         applied: ctx.services_memory.applied.get(&key),
+        gated: ctx.gated.snapshot(),
         name_holder: name_holder(svc, ctx),
         resync: ctx.resync,
         now: Instant::now(),

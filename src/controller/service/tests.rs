@@ -107,6 +107,7 @@ async fn plan_output_equals_the_changes_reconcile_applies() {
                 nodes: &nodes,
                 slices: &[],
                 pending_target_groups: Default::default(),
+                gated: Default::default(),
                 applied: None,
                 name_holder: None,
                 resync: w.ctx.resync,
