@@ -223,13 +223,11 @@ impl Tracker {
     /// Polls the Service's groups that are due, then writes every gate that changed.
     async fn follow_service(&mut self, ns: &str, svc: &str, pods: &[(String, Pod)]) {
         let key = ObjectRef::<Service>::new(svc).within(ns);
-        let groups = self
-            .ctx
-            .services_memory
-            .applied
-            .get(&key)
-            .map(|a| a.target_groups)
-            .unwrap_or_default();
+        let Some(applied) = self.ctx.services_memory.applied.get(&key) else {
+            return;
+        };
+        let synced_at = applied.at;
+        let groups = applied.target_groups;
         // What each gate would say now, from the last answers.
         let desired = |groups_health: &HashMap<String, GroupClock>| -> Vec<(usize, GateStatus)> {
             pods.iter()
@@ -268,6 +266,7 @@ impl Tracker {
                     .max(0.05),
             );
             let clock = self.groups.entry(g.arn.clone()).or_default();
+            clock.note_sync(synced_at);
             if !clock.due(now, interval, unsettled, &g.targets) || !self.rate.take(now) {
                 continue;
             }

@@ -17,7 +17,16 @@ pub struct GroupClock {
     health: Vec<TargetHealth>,
     /// The registered targets (as the controller left them) when the answer came.
     polled_targets: BTreeSet<Target>,
+    /// The Service's last sync this clock has seen (see [`GroupClock::note_sync`]).
+    seen_sync: Option<Instant>,
+    /// Polls still owed after a sync (its change, e.g. of the health check, plays out).
+    follow_ups: u32,
 }
+
+/// Polls after each sync of the Service: enough for a changed health check to show through
+/// the default thresholds (2 failures, or 3 passes on an unhealthy target) with some slack for
+/// the change to reach the load balancer.
+pub const FOLLOW_UPS: u32 = 5;
 
 impl GroupClock {
     /// Whether the group should be polled at `now`: never before one `interval` after the last
@@ -36,7 +45,19 @@ impl GroupClock {
         if now.saturating_duration_since(last) < interval {
             return false;
         }
-        unsettled || in_transition(&self.health) || *registered != self.polled_targets
+        unsettled
+            || self.follow_ups > 0
+            || in_transition(&self.health)
+            || *registered != self.polled_targets
+    }
+
+    /// The Service was synced at `at` (a change, or the periodic drift check): the next
+    /// [`FOLLOW_UPS`] intervals are polled, since its health checks may have changed.
+    pub fn note_sync(&mut self, at: Instant) {
+        if self.seen_sync.is_some_and(|s| s != at) {
+            self.follow_ups = FOLLOW_UPS;
+        }
+        self.seen_sync = Some(at);
     }
 
     /// Records an answer.
@@ -49,6 +70,7 @@ impl GroupClock {
         self.last_poll = Some(now);
         self.health = health;
         self.polled_targets = registered.clone();
+        self.follow_ups = self.follow_ups.saturating_sub(1);
     }
 
     /// A failed call: retried after one interval, the old answer kept.
@@ -137,6 +159,27 @@ mod tests {
         // A draining target keeps it polling.
         c.record(t0, vec![h("a", "healthy"), h("b", "draining")], &regs);
         assert!(c.due(t0 + i, i, false, &regs));
+    }
+
+    #[test]
+    fn a_sync_is_followed_by_a_few_polls_then_none() {
+        let t0 = Instant::now();
+        let i = Duration::from_secs(10);
+        let regs: BTreeSet<Target> = [t("a")].into();
+        let mut c = GroupClock::default();
+        c.note_sync(t0); // the first sync seen: nothing owed
+        c.record(t0, vec![h("a", "healthy")], &regs);
+        assert!(!c.due(t0 + i, i, false, &regs));
+        c.note_sync(t0 + Duration::from_secs(1));
+        let mut polls = 0;
+        for n in 1..10 {
+            let now = t0 + i * n;
+            if c.due(now, i, false, &regs) {
+                polls += 1;
+                c.record(now, vec![h("a", "healthy")], &regs);
+            }
+        }
+        assert_eq!(polls, FOLLOW_UPS);
     }
 
     #[test]
