@@ -19,6 +19,7 @@ pub mod status;
 #[cfg(test)]
 pub mod testing;
 pub mod text;
+pub mod webhook;
 pub mod writes;
 
 use std::collections::HashMap;
@@ -187,6 +188,9 @@ pub struct ControllerArgs {
     /// Pod readiness gates (see [`readiness`]).
     #[command(flatten)]
     pub readiness: readiness::ReadinessArgs,
+    /// The readiness-gate injection webhook (see [`webhook`]).
+    #[command(flatten)]
+    pub webhook: webhook::WebhookArgs,
 }
 
 /// The finalizer of the default class: it guarantees teardown before a Service disappears.
@@ -600,6 +604,15 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 .collect();
             futures::stream::iter(wake)
         });
+    {
+        let (ctx, args, shutdown) = (ctx.clone(), args.webhook.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = webhook::serve(ctx, args, shutdown.clone()).await {
+                tracing::error!(error = %e, "the readiness-gate webhook cannot start; exiting");
+                shutdown.cancel();
+            }
+        });
+    }
     // Pods that wait only on their readiness gates become targets: their Service is woken.
     let (gate_tx, gate_rx) = futures::channel::mpsc::unbounded::<ObjectRef<Service>>();
     tokio::spawn(readiness::run(
