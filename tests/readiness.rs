@@ -125,6 +125,9 @@ struct PodTimes {
     gate_true: Option<Instant>,
     /// Every (status, reason) of the gate seen, in order.
     gate_seen: Vec<(String, String)>,
+    /// First seen with a deletionTimestamp; first seen gone.
+    terminating: Option<Instant>,
+    gone: Option<Instant>,
 }
 
 /// Watches the namespace's pods every 50 ms (bounded by `stop`).
@@ -142,11 +145,24 @@ fn pod_times(
             if let Ok(list) = pods.list(&ListParams::default()).await {
                 let now = Instant::now();
                 let mut m = t.lock().unwrap();
+                let listed: std::collections::BTreeSet<String> = list
+                    .items
+                    .iter()
+                    .filter_map(|p| p.metadata.name.clone())
+                    .collect();
+                for (name, e) in m.iter_mut() {
+                    if !listed.contains(name) {
+                        e.gone.get_or_insert(now);
+                    }
+                }
                 for p in list.items {
                     let e = m
                         .entry(p.metadata.name.clone().unwrap_or_default())
                         .or_default();
                     e.created.get_or_insert(now);
+                    if p.metadata.deletion_timestamp.is_some() {
+                        e.terminating.get_or_insert(now);
+                    }
                     let status = p.status.unwrap_or_default();
                     if e.ip.is_none() {
                         e.ip = status.pod_ip.clone();
@@ -350,6 +366,32 @@ async fn readiness_gate_follows_target_health_and_a_gated_rollout_drops_nothing(
         percentile(&mut to_gate.clone(), 0.5),
         percentile(&mut to_gate, 0.95),
         to_gate.len()
+    );
+
+    // Pod removal waits for the NLB: an old pod's target is deregistered (draining in the
+    // emulator) as soon as the pod is terminating, while it still exists (its preStop runs).
+    let mut removals = Vec::new();
+    for (name, t) in times.lock().unwrap().iter() {
+        let (Some(ip), Some(terminating)) = (&t.ip, t.terminating) else {
+            continue;
+        };
+        let gone = t.gone.unwrap_or_else(Instant::now); // still there: its preStop runs
+        let draining = transitions
+            .iter()
+            .find(|tr| tr.target.ip().to_string() == *ip && tr.to == Health::Draining)
+            .map(|tr| tr.at)
+            .unwrap_or_else(|| panic!("{name}: its target never drained"));
+        assert!(draining < gone, "{name}: deregistered only when gone");
+        removals.push(draining.saturating_duration_since(terminating));
+    }
+    assert!(
+        removals.len() >= 2,
+        "old pods seen terminating: {removals:?}"
+    );
+    println!(
+        "FIGURE pod_terminating_to_target_draining max {:?} (n={})",
+        removals.iter().max().unwrap(),
+        removals.len()
     );
 
     // A target turning unhealthy (its check moved to a port nothing serves) sets the gate False.

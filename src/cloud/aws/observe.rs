@@ -410,6 +410,9 @@ impl AwsCloud {
             .0)
     }
 
+    /// The registered targets, draining ones excepted: those are deregistered already (AWS
+    /// lists them until the deregistration delay ends), so a plan never deregisters them again,
+    /// and registers one again if it is wanted back.
     pub(super) async fn targets_of(&self, arn: &str) -> Result<BTreeSet<Target>, CloudError> {
         let out = self
             .call(ops::DESCRIBE_TARGET_HEALTH, || {
@@ -422,6 +425,10 @@ impl AwsCloud {
         Ok(out
             .target_health_descriptions()
             .iter()
+            .filter(|d| {
+                d.target_health().and_then(|h| h.state())
+                    != Some(&aws_sdk_elasticloadbalancingv2::types::TargetHealthStateEnum::Draining)
+            })
             .filter_map(|d| {
                 let t = d.target()?;
                 Some(Target {
