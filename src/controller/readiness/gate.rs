@@ -253,7 +253,8 @@ mod tests {
         let healthy = health("healthy", None);
         let initial = health("initial", Some("Elb.InitialHealthChecking"));
         let unhealthy = health("unhealthy", Some("Target.FailedHealthChecks"));
-        let table: Vec<(Vec<(&str, Option<&TargetHealth>)>, bool, &str)> = vec![
+        type Groups<'a> = Vec<(&'a str, Option<&'a TargetHealth>)>;
+        let table: Vec<(Groups, bool, &str)> = vec![
             (vec![], false, "NoTargetGroup"),
             (vec![("a", Some(&healthy))], true, "healthy"),
             (vec![("a", Some(&initial))], false, "initial"),
