@@ -598,12 +598,38 @@ async fn service_annotations_cannot_reach_outside_what_the_admin_allows() {
     let allowed_sg = foreign_security_group(&cloud, &cloud.vpc_id, "allowed").await;
     let misplaced_sg = foreign_security_group(&cloud, &other_vpc, "misplaced").await;
     let allowed_sgs = format!("{allowed_sg},{misplaced_sg}");
+    // Groups allowed by tag instead of id: one carries the tag the admin allows, one another
+    // team's value of it.
+    let share_tag = "cloudlb-test-share";
+    let shared_sg = foreign_security_group(&cloud, &cloud.vpc_id, "bytag").await;
+    let wrong_tag_sg = foreign_security_group(&cloud, &cloud.vpc_id, "wrongtag").await;
+    for (sg, value) in [
+        (&shared_sg, cloud.cluster.as_str()),
+        (&wrong_tag_sg, "someone-else"),
+    ] {
+        cloud
+            .ec2
+            .create_tags()
+            .resources(sg)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key(share_tag)
+                    .value(value)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("tag security group");
+    }
+    let allowed_tags = format!("{share_tag}={}", cloud.cluster);
     let _controller = ControllerProc::start(
         rig,
         &cloud,
         &[
             "--allowed-security-groups",
             &allowed_sgs,
+            "--allowed-security-group-tags",
+            &allowed_tags,
             "--allowed-certificates",
             "arn:aws:acm:us-east-1:000000000000:certificate/team-*",
             "--custom-name-namespaces",
@@ -632,6 +658,18 @@ async fn service_annotations_cannot_reach_outside_what_the_admin_allows() {
                 "attach someone else's security group {victim_sg} (same VPC, not allowlisted)"
             ),
             resource: victim_sg.clone(),
+        },
+        Attack {
+            service: "wrong-tag-sg",
+            annotations: ann("security-groups", &wrong_tag_sg),
+            reason: "NotAllowed",
+            says: format!(
+                "carry none of its allowed tags (--allowed-security-group-tags {allowed_tags})"
+            ),
+            tried: format!(
+                "attach security group {wrong_tag_sg}, tagged {share_tag}=someone-else, not the allowed {allowed_tags}"
+            ),
+            resource: wrong_tag_sg.clone(),
         },
         Attack {
             service: "far-sg",
@@ -734,16 +772,40 @@ async fn service_annotations_cannot_reach_outside_what_the_admin_allows() {
         );
     }
     hostname(&svcs, "own").await;
+    // A group the admin allows by tag is attached.
+    svcs.create(
+        &PostParams::default(),
+        &load_balancer_service(
+            "tagged-sg",
+            &cloud.class,
+            ann("security-groups", &shared_sg),
+        ),
+    )
+    .await
+    .expect("tenant creates a Service");
+    let tagged_host = hostname(&svcs, "tagged-sg").await;
+    let tagged_lb = cloud
+        .load_balancer(
+            &cloudlb::controller::service::name_from_hostname(&tagged_host).expect("lb name"),
+        )
+        .await
+        .expect("the tagged-sg Service's NLB");
+    assert_eq!(tagged_lb.security_groups(), std::slice::from_ref(&shared_sg));
+    println!(
+        "allowed by tag: security group {shared_sg} ({share_tag}={}) attached",
+        cloud.cluster
+    );
     let own = format!("{}/own", ns.name);
+    let tagged = format!("{}/tagged-sg", ns.name);
     let created: Vec<String> = cluster_snapshot(&cloud, &[])
         .await
         .into_iter()
-        .filter(|l| !inventory_before.contains(l) && !l.contains(&own))
+        .filter(|l| !inventory_before.contains(l) && !l.contains(&own) && !l.contains(&tagged))
         .filter(|l| l.contains("cloudlb.io/service"))
         .collect();
     assert!(
         created.is_empty(),
-        "only the tenant's own Service got resources: {created:?}"
+        "only the tenant's own Services (own, tagged-sg) got resources: {created:?}"
     );
 
     // A name taken by an older Service of another (allowed) namespace.
@@ -811,11 +873,13 @@ async fn service_annotations_cannot_reach_outside_what_the_admin_allows() {
             &svcs,
             vec![
                 "grab-sg",
+                "wrong-tag-sg",
                 "far-sg",
                 "far-subnet",
                 "grab-cert",
                 "squat",
                 "own",
+                "tagged-sg",
             ],
         ),
         (&late_api, vec!["web"]),
@@ -832,7 +896,13 @@ async fn service_annotations_cannot_reach_outside_what_the_admin_allows() {
             .then_some(())
     })
     .await;
-    for sg in [&victim_sg, &allowed_sg, &misplaced_sg] {
+    for sg in [
+        &victim_sg,
+        &allowed_sg,
+        &misplaced_sg,
+        &shared_sg,
+        &wrong_tag_sg,
+    ] {
         cloud
             .ec2
             .delete_security_group()

@@ -516,6 +516,7 @@ impl Cloud for FakeCloud {
     fn vet<'a>(
         &'a self,
         _: &'a crate::model::DesiredLoadBalancer,
+        _: &'a super::TagVetting,
     ) -> BoxFuture<'a, Result<(), CloudError>> {
         Box::pin(async { Ok(()) })
     }

@@ -196,6 +196,38 @@ impl ResourceKind {
     }
 }
 
+/// A tag the admin allows security groups by (`--allowed-security-group-tags`): `KEY=VALUE`,
+/// or `KEY` alone for any value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagRule {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+impl TagRule {
+    /// Whether a resource with `tags` carries this tag.
+    pub fn carried_by<'t>(&self, mut tags: impl Iterator<Item = (&'t str, &'t str)>) -> bool {
+        tags.any(|(k, v)| k == self.key && self.value.as_deref().is_none_or(|want| want == v))
+    }
+}
+
+impl std::fmt::Display for TagRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.value {
+            Some(v) => write!(f, "{}={v}", self.key),
+            None => write!(f, "{}", self.key),
+        }
+    }
+}
+
+/// The annotation's security groups that are not allowlisted by id, and the tags (any one of
+/// them) each must carry to be attached anyway. Empty `groups`: nothing to check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TagVetting {
+    pub groups: Vec<String>,
+    pub rules: Vec<TagRule>,
+}
+
 /// The few verbs the controllers need from a cloud. [`aws::AwsCloud`] is the real one; unit
 /// tests use an in-memory fake. Futures are boxed so the controllers hold an `Arc<dyn Cloud>`.
 pub trait Cloud: Send + Sync {
@@ -245,8 +277,13 @@ pub trait Cloud: Send + Sync {
 
     /// Checks, before any write, that what `desired` asks for is inside the cluster's VPC: its
     /// subnets (annotation or discovery) and the security groups the annotation names.
-    fn vet<'a>(&'a self, desired: &'a DesiredLoadBalancer)
-    -> BoxFuture<'a, Result<(), CloudError>>;
+    /// `by_tag` names the annotation's groups the admin allows only by tag: each must carry
+    /// one of its tags.
+    fn vet<'a>(
+        &'a self,
+        desired: &'a DesiredLoadBalancer,
+        by_tag: &'a TagVetting,
+    ) -> BoxFuture<'a, Result<(), CloudError>>;
 
     /// Everything in the account tagged for this cluster (for the orphan sweep).
     fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>>;

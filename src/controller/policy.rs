@@ -9,6 +9,7 @@
 use std::fmt;
 
 use crate::annotations::{LoadBalancerOptions, key};
+use crate::cloud::{TagRule, TagVetting};
 
 /// Flags of the controller (and `cloudlb plan`) that limit tenants.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -22,6 +23,11 @@ pub struct PolicyArgs {
     /// `*` in an entry matches any characters. Empty: the annotation is refused.
     #[arg(long, env = "CLOUDLB_ALLOWED_SECURITY_GROUPS", value_delimiter = ',')]
     pub allowed_security_groups: Vec<String>,
+    /// Tags (`KEY=VALUE` or `KEY` for any value, comma-separated) that let the
+    /// `security-groups` annotation name a group not in `--allowed-security-groups`: the group
+    /// must carry one of them (checked on the group itself before any write).
+    #[arg(long, env = "CLOUDLB_ALLOWED_SECURITY_GROUP_TAGS", value_delimiter = ',', value_parser = parse_tag_rule)]
+    pub allowed_security_group_tags: Vec<TagRule>,
     /// Certificate ARN patterns (comma-separated, `*` matches any characters) the `ssl-cert`
     /// annotation may name. Empty: the annotation is refused.
     #[arg(long, env = "CLOUDLB_ALLOWED_CERTIFICATES", value_delimiter = ',')]
@@ -73,6 +79,40 @@ pub fn matches(pattern: &str, value: &str) -> bool {
     true
 }
 
+/// `KEY=VALUE` or `KEY`; the key may not be empty.
+pub fn parse_tag_rule(text: &str) -> Result<TagRule, String> {
+    let (key, value) = match text.split_once('=') {
+        Some((k, v)) => (k.trim(), Some(v.trim().to_string())),
+        None => (text.trim(), None),
+    };
+    if key.is_empty() {
+        return Err(format!(
+            "{text:?}: a tag rule is KEY=VALUE or KEY, with a key"
+        ));
+    }
+    Ok(TagRule {
+        key: key.to_string(),
+        value,
+    })
+}
+
+/// The annotation's groups that pass only if they carry an allowed tag (checked by the cloud
+/// edge, which reads the groups' tags before any write).
+pub fn tag_vetting(groups: Option<&[String]>, p: &PolicyArgs) -> TagVetting {
+    if p.allowed_security_group_tags.is_empty() {
+        return TagVetting::default();
+    }
+    TagVetting {
+        groups: groups
+            .into_iter()
+            .flatten()
+            .filter(|sg| !allowed(&p.allowed_security_groups, sg))
+            .cloned()
+            .collect(),
+        rules: p.allowed_security_group_tags.clone(),
+    }
+}
+
 fn allowed(list: &[String], value: &str) -> bool {
     list.iter().any(|p| matches(p.trim(), value))
 }
@@ -84,7 +124,8 @@ pub const GENERATED_PREFIX: &str = "k8s-";
 pub fn refusals(opts: &LoadBalancerOptions, namespace: &str, p: &PolicyArgs) -> Vec<Refusal> {
     let mut out = Vec::new();
     for sg in opts.security_groups.iter().flatten() {
-        if !allowed(&p.allowed_security_groups, sg) {
+        // With allowed tags, a group not listed by id is judged on its tags (`tag_vetting`).
+        if !allowed(&p.allowed_security_groups, sg) && p.allowed_security_group_tags.is_empty() {
             out.push(Refusal {
                 annotation: "security-groups",
                 value: sg.clone(),
@@ -220,5 +261,52 @@ mod tests {
             all[0].to_string(),
             "annotation service.beta.kubernetes.io/aws-load-balancer-security-groups: \"sg-1\" is not in the controller's allowed security groups (--allowed-security-groups)"
         );
+    }
+
+    #[test]
+    fn groups_not_listed_by_id_are_judged_on_their_tags() {
+        let rule = |k: &str, v: Option<&str>| TagRule {
+            key: k.into(),
+            value: v.map(str::to_string),
+        };
+        assert_eq!(
+            parse_tag_rule("team=payments"),
+            Ok(rule("team", Some("payments")))
+        );
+        assert_eq!(parse_tag_rule(" shared "), Ok(rule("shared", None)));
+        assert_eq!(parse_tag_rule("k="), Ok(rule("k", Some(""))));
+        assert!(parse_tag_rule("=v").is_err());
+        assert!(parse_tag_rule("").is_err());
+
+        let tags = [("team", "payments"), ("env", "prod")];
+        let cases = [
+            (rule("team", Some("payments")), true),
+            (rule("team", Some("search")), false),
+            (rule("env", None), true),
+            (rule("owner", None), false),
+            (rule("Team", Some("payments")), false),
+        ];
+        for (r, want) in cases {
+            assert_eq!(r.carried_by(tags.iter().copied()), want, "{r}");
+        }
+
+        let p = PolicyArgs {
+            allowed_security_groups: vec!["sg-shared".into()],
+            allowed_security_group_tags: vec![rule("team", Some("payments"))],
+            ..Default::default()
+        };
+        let groups = vec!["sg-shared".to_string(), "sg-team".to_string()];
+        // Not refused before the cloud is asked; the group not listed by id is vetted by tag.
+        assert!(refusals(&opts(&["sg-shared", "sg-team"], &[], None), "shop", &p).is_empty());
+        let v = tag_vetting(Some(&groups), &p);
+        assert_eq!(v.groups, vec!["sg-team".to_string()]);
+        assert_eq!(v.rules, p.allowed_security_group_tags);
+        // Without tag rules there is nothing to vet (the id list alone decided).
+        let by_id = PolicyArgs {
+            allowed_security_groups: vec!["sg-shared".into()],
+            ..Default::default()
+        };
+        assert_eq!(tag_vetting(Some(&groups), &by_id), TagVetting::default());
+        assert_eq!(tag_vetting(None, &p).groups, Vec::<String>::new());
     }
 }

@@ -76,8 +76,9 @@ impl Cloud for AwsCloud {
     fn vet<'a>(
         &'a self,
         desired: &'a DesiredLoadBalancer,
+        by_tag: &'a super::TagVetting,
     ) -> BoxFuture<'a, Result<(), CloudError>> {
-        Box::pin(AwsCloud::vet(self, desired))
+        Box::pin(AwsCloud::vet(self, desired, by_tag))
     }
 
     fn inventory(&self) -> BoxFuture<'_, Result<Vec<TaggedResource>, CloudError>> {

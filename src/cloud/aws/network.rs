@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2 as ec2;
 
 use super::client::*;
-use crate::cloud::CloudError;
+use crate::cloud::{CloudError, TagVetting};
 use crate::model::{DesiredLoadBalancer, Scheme};
 
 const OUTSIDE_VPC: &str = "OutsideClusterVpc";
+/// The reason of the policy's refusals (`controller::policy`), for the tag check made here.
+const NOT_ALLOWED: &str = "NotAllowed";
 
 fn refused(message: String) -> CloudError {
     CloudError::Refused {
@@ -230,8 +232,12 @@ impl AwsCloud {
     }
 
     /// Before any write: the load balancer's subnets and the annotation's security groups must
-    /// be in the cluster's VPC.
-    pub async fn vet(&self, d: &DesiredLoadBalancer) -> Result<(), CloudError> {
+    /// be in the cluster's VPC, and the groups in `by_tag` must carry one of its tags.
+    pub async fn vet(
+        &self,
+        d: &DesiredLoadBalancer,
+        by_tag: &TagVetting,
+    ) -> Result<(), CloudError> {
         let net = self.network(d).await?;
         let Some(groups) = d.security_groups.as_ref().filter(|g| !g.is_empty()) else {
             return Ok(());
@@ -266,13 +272,90 @@ impl AwsCloud {
                 )
             })
             .collect();
-        if outside.is_empty() {
+        if !outside.is_empty() {
+            return Err(refused(format!(
+                "annotation service.beta.kubernetes.io/aws-load-balancer-security-groups: security group(s) {} are outside the cluster's VPC {}; nothing was changed",
+                outside.join(", "),
+                net.vpc_id
+            )));
+        }
+        let untagged = untagged_groups(out.security_groups(), by_tag);
+        if untagged.is_empty() {
             return Ok(());
         }
-        Err(refused(format!(
-            "annotation service.beta.kubernetes.io/aws-load-balancer-security-groups: security group(s) {} are outside the cluster's VPC {}; nothing was changed",
-            outside.join(", "),
-            net.vpc_id
-        )))
+        let rules: Vec<String> = by_tag.rules.iter().map(ToString::to_string).collect();
+        Err(CloudError::Refused {
+            reason: NOT_ALLOWED,
+            message: format!(
+                "annotation service.beta.kubernetes.io/aws-load-balancer-security-groups: security group(s) {} are not in the controller's allowed security groups (--allowed-security-groups) and carry none of its allowed tags (--allowed-security-group-tags {}); nothing was changed",
+                untagged.join(", "),
+                rules.join(",")
+            ),
+        })
+    }
+}
+
+/// The groups of `by_tag` that carry none of its tags (all of them when a group was not found).
+fn untagged_groups(found: &[ec2::types::SecurityGroup], by_tag: &TagVetting) -> Vec<String> {
+    by_tag
+        .groups
+        .iter()
+        .filter(|id| {
+            let group = found.iter().find(|g| g.group_id() == Some(id.as_str()));
+            !group.is_some_and(|g| {
+                by_tag.rules.iter().any(|rule| {
+                    rule.carried_by(
+                        g.tags()
+                            .iter()
+                            .map(|t| (t.key().unwrap_or_default(), t.value().unwrap_or_default())),
+                    )
+                })
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::TagRule;
+
+    #[test]
+    fn groups_without_an_allowed_tag_are_named() {
+        let group = |id: &str, tags: &[(&str, &str)]| {
+            let mut b = ec2::types::SecurityGroup::builder().group_id(id);
+            for (k, v) in tags {
+                b = b.tags(ec2::types::Tag::builder().key(*k).value(*v).build());
+            }
+            b.build()
+        };
+        let found = [
+            group("sg-tagged", &[("team", "payments")]),
+            group("sg-other", &[("team", "search")]),
+            group("sg-bare", &[]),
+        ];
+        let vetting = |groups: &[&str]| TagVetting {
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            rules: vec![
+                TagRule {
+                    key: "team".into(),
+                    value: Some("payments".into()),
+                },
+                TagRule {
+                    key: "shared".into(),
+                    value: None,
+                },
+            ],
+        };
+        assert!(untagged_groups(&found, &vetting(&["sg-tagged"])).is_empty());
+        assert_eq!(
+            untagged_groups(
+                &found,
+                &vetting(&["sg-tagged", "sg-other", "sg-bare", "sg-gone"])
+            ),
+            vec!["sg-other", "sg-bare", "sg-gone"]
+        );
+        assert!(untagged_groups(&found, &TagVetting::default()).is_empty());
     }
 }

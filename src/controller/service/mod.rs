@@ -19,7 +19,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::events::Note;
 use super::memory::{Failures, NameSets, PerObject, backoff};
 use super::writes::normal;
-use super::{Context, status};
+use super::{Context, policy, status};
 use crate::cloud::plan::{self, Change, DeletionProtection};
 use crate::cloud::{Cloud, CloudError, Plan, StackQuery};
 use crate::model::DesiredLoadBalancer;
@@ -255,7 +255,8 @@ async fn sync(
     } else {
         // Outside the cluster's VPC: refused like bad input, before any write.
         if let Some(d) = &plan.desired {
-            match ctx.cloud.vet(d).await {
+            let by_tag = policy::tag_vetting(d.security_groups.as_deref(), &ctx.cluster.policy);
+            match ctx.cloud.vet(d, &by_tag).await {
                 Ok(()) => {}
                 Err(CloudError::Refused { reason, message }) => {
                     return invalid(svc, ctx, reason, &message).await;
