@@ -33,14 +33,14 @@ fn apply(rig: &Rig, ns: &str, obj: &Value) {
 }
 
 fn deployment(gated: bool) -> Value {
-    let gates = if gated {
-        json!([{"conditionType": GATE}])
-    } else {
-        json!([])
-    };
+    deployment_with(if gated { &[GATE] } else { &[] }, 2)
+}
+
+fn deployment_with(gates: &[&str], replicas: u32) -> Value {
+    let gates: Vec<Value> = gates.iter().map(|g| json!({"conditionType": g})).collect();
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
-        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
           "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
           "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
             "automountServiceAccountToken": false,
@@ -226,38 +226,7 @@ async fn readiness_gate_follows_target_health_and_a_gated_rollout_drops_nothing(
     let rig = Rig::get();
     let cloud = TestCloud::new(rig, "rg").await;
     let lbs = NetNs::new("rg-lbs");
-    // The NLB's namespace reaches pod IPs through the kubelet node (its /16 on the bridge would
-    // ARP for them instead), as the host does.
-    let pod_cidr = "10.213.240.0/24"; // POD_CIDR in dev/kubelet-node.sh
-    let route = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &format!("clb-{}", lbs.name),
-            "route",
-            "replace",
-            pod_cidr.trim(),
-            "via",
-        ])
-        .arg(rig.env("CLOUDLB_RIG_NODE_IP"))
-        .output()
-        .expect("ip route");
-    assert!(route.status.success(), "route to pods: {}", text(&route));
-    let mut config = EmulatorConfig::new(&lbs.name);
-    config.cluster = Some(cloud.cluster.clone());
-    config.time_scale = SCALE;
-    config.poll_interval = Duration::from_millis(200);
-    // AWS takes a while to register a target: `initial` for a second here.
-    config.registration_delay = Duration::from_millis(1000);
-    let emu = Emulator::start(&rig.aws().await, config).await;
-    let endpoint = HealthEndpoint::start("127.0.0.1:0", &rig.aws_endpoint, emu.health_view()).await;
-    let url = endpoint.url();
-    let scale = SCALE.to_string();
-    let controller = ControllerProc::start_with_env(
-        rig,
-        &cloud,
-        &["--target-health-interval-scale", &scale],
-        &[("AWS_ENDPOINT_URL", &url)],
-    );
+    let (emu, _endpoint, controller) = harness(rig, &cloud, &lbs).await;
     let ns = TestNamespace::new(rig, "rg").await;
     let client = rig.client().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
@@ -480,4 +449,183 @@ async fn readiness_gate_follows_target_health_and_a_gated_rollout_drops_nothing(
         "--timeout=60s",
     ]);
     drop(controller);
+}
+
+/// The emulator (serving `cloud`'s load balancers in `lbs`, pods reachable), the AWS endpoint
+/// with its target health, and the controller using it.
+async fn harness(
+    rig: &Rig,
+    cloud: &TestCloud,
+    lbs: &NetNs,
+) -> (Emulator, HealthEndpoint, ControllerProc) {
+    let route = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &format!("clb-{}", lbs.name),
+            "route",
+            "replace",
+            "10.213.240.0/24",
+            "via",
+        ])
+        .arg(rig.env("CLOUDLB_RIG_NODE_IP"))
+        .output()
+        .expect("ip route");
+    assert!(route.status.success(), "route to pods: {}", text(&route));
+    let mut config = EmulatorConfig::new(&lbs.name);
+    config.cluster = Some(cloud.cluster.clone());
+    config.time_scale = SCALE;
+    config.poll_interval = Duration::from_millis(200);
+    config.registration_delay = Duration::from_millis(1000);
+    let emu = Emulator::start(&rig.aws().await, config).await;
+    let endpoint = HealthEndpoint::start("127.0.0.1:0", &rig.aws_endpoint, emu.health_view()).await;
+    let scale = SCALE.to_string();
+    let controller = ControllerProc::start_with_env(
+        rig,
+        cloud,
+        &["--target-health-interval-scale", &scale],
+        &[("AWS_ENDPOINT_URL", &endpoint.url())],
+    );
+    (emu, endpoint, controller)
+}
+
+/// Users moving from LBC: a pod carrying LBC's gate `target-health.elbv2.k8s.aws/<binding>` for
+/// an ip TargetGroupBinding gets Ready once its target is healthy in the bound group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lbc_gate_of_an_ip_binding_turns_true_once_the_target_is_healthy() {
+    use aws_sdk_elasticloadbalancingv2::types::{
+        Action, ActionTypeEnum, LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum, Tag,
+        TargetTypeEnum,
+    };
+    let rig = Rig::get();
+    rig.install_crds();
+    let cloud = TestCloud::new(rig, "rgb").await;
+    let lbs = NetNs::new("rgb-lbs");
+    let (emu, _endpoint, controller) = harness(rig, &cloud, &lbs).await;
+    let tag = Tag::builder()
+        .key("cloudlb.io/cluster")
+        .value(&cloud.cluster)
+        .build();
+    let tg = cloud
+        .elb
+        .create_target_group()
+        .name(unique("rgb"))
+        .protocol(ProtocolEnum::Tcp)
+        .port(8080)
+        .vpc_id(&cloud.vpc_id)
+        .target_type(TargetTypeEnum::Ip)
+        .health_check_interval_seconds(10)
+        .tags(tag.clone())
+        .send()
+        .await
+        .expect("target group");
+    let tg = tg.target_groups()[0]
+        .target_group_arn()
+        .unwrap()
+        .to_string();
+    let lb = cloud
+        .elb
+        .create_load_balancer()
+        .name(unique("rgb"))
+        .r#type(LoadBalancerTypeEnum::Network)
+        .scheme(LoadBalancerSchemeEnum::Internal)
+        .subnets(&cloud.subnet_id)
+        .tags(tag)
+        .send()
+        .await
+        .expect("load balancer");
+    let lb_arn = lb.load_balancers()[0]
+        .load_balancer_arn()
+        .unwrap()
+        .to_string();
+    cloud
+        .elb
+        .create_listener()
+        .load_balancer_arn(&lb_arn)
+        .port(80)
+        .protocol(ProtocolEnum::Tcp)
+        .default_actions(
+            Action::builder()
+                .r#type(ActionTypeEnum::Forward)
+                .target_group_arn(&tg)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("listener");
+
+    let ns = TestNamespace::new(rig, "rgb").await;
+    apply(
+        rig,
+        &ns.name,
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}),
+    );
+    apply(
+        rig,
+        &ns.name,
+        &json!({"apiVersion": "cloudlb.io/v1beta1", "kind": "TargetGroupBinding",
+        "metadata": {"name": "web-tgb", "labels": {"cloudlb.io/test-cluster": cloud.cluster}},
+        "spec": {"targetGroupARN": tg, "targetType": "ip", "serviceRef": {"name": "web", "port": 80}}}),
+    );
+    let lbc_gate = "target-health.elbv2.k8s.aws/web-tgb";
+    apply(rig, &ns.name, &deployment_with(&[lbc_gate], 1));
+    let out = rig.kubectl_output(&[
+        "rollout",
+        "status",
+        "deployment/web",
+        "-n",
+        &ns.name,
+        "--timeout=90s",
+    ]);
+    assert!(
+        out.status.success(),
+        "the LBC-gated pod never Ready: {}",
+        text(&out)
+    );
+    let pods: Api<Pod> = Api::namespaced(rig.client().await, &ns.name);
+    let list = pods.list(&ListParams::default()).await.expect("pods");
+    let pod = list
+        .items
+        .iter()
+        .find(|p| p.metadata.deletion_timestamp.is_none())
+        .expect("a pod");
+    let status = pod.status.clone().unwrap_or_default();
+    let gate = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == lbc_gate)
+        .expect("the gate");
+    assert_eq!(
+        (gate.status.as_str(), gate.reason.as_deref()),
+        ("True", Some("healthy"))
+    );
+    let ip = status.pod_ip.expect("pod IP");
+    assert!(
+        emu.transitions()
+            .iter()
+            .any(|t| t.target.ip().to_string() == ip && t.to == Health::Healthy),
+        "the gate passed only after the emulator saw {ip} healthy"
+    );
+    let _ = rig.kubectl_output(&[
+        "delete",
+        "targetgroupbinding",
+        "web-tgb",
+        "-n",
+        &ns.name,
+        "--timeout=60s",
+    ]);
+    drop(controller);
+    let _ = cloud
+        .elb
+        .delete_load_balancer()
+        .load_balancer_arn(&lb_arn)
+        .send()
+        .await;
+    let _ = cloud
+        .elb
+        .delete_target_group()
+        .target_group_arn(&tg)
+        .send()
+        .await;
 }

@@ -384,6 +384,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let (node_tx, node_rx) = futures::channel::mpsc::unbounded::<Node>();
     let (slice_tx, slice_rx) = futures::channel::mpsc::unbounded::<EndpointSlice>();
     let (svc_tx, svc_rx) = futures::channel::mpsc::unbounded::<Service>();
+    let svc_tx_for_gates = svc_tx.clone();
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
     let relist_tx_for_lead = relist_tx.clone();
     // Readiness comes from the watch streams themselves (the first InitDone, which a reflector
@@ -619,7 +620,10 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         ctx.clone(),
         client.clone(),
         args.readiness.clone(),
-        gate_tx,
+        readiness::Wakes {
+            services: gate_tx,
+            bindings: svc_tx_for_gates,
+        },
         shutdown.clone(),
     ));
     let services = controller

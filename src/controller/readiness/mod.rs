@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Context;
+use super::service::RegisteredGroup;
 use crate::cloud::TargetHealth;
+use crate::crd::{TargetGroupBinding, TargetType};
 use crate::model::Target;
 use gate::{GateOwner, GateStatus};
 use schedule::{GroupClock, RateBound};
@@ -103,17 +105,29 @@ struct Tracker {
     groups: HashMap<String, GroupClock>,
     rate: RateBound,
     wake: futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>,
+    /// Reaches the binding controller (a Service change wakes the bindings naming it).
+    wake_bindings: futures::channel::mpsc::UnboundedSender<Service>,
 }
+
+/// The health-check interval assumed for a group bound by a TargetGroupBinding (not read from
+/// the cloud): ELBv2's default.
+const BOUND_GROUP_INTERVAL_SECONDS: i32 = 10;
 
 /// How often the tracker looks at its state (in memory; calls only when a group is due).
 const TICK: Duration = Duration::from_millis(100);
 
-/// Runs the tracker until `shutdown`; `wake` reaches the Service controller.
+/// Where the tracker wakes the reconciles that register gated pods.
+pub struct Wakes {
+    pub services: futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>,
+    pub bindings: futures::channel::mpsc::UnboundedSender<Service>,
+}
+
+/// Runs the tracker until `shutdown`.
 pub async fn run(
     ctx: Arc<Context>,
     client: Client,
     args: ReadinessArgs,
-    wake: futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>,
+    wakes: Wakes,
     shutdown: CancellationToken,
 ) {
     let rate = RateBound::new(args.target_health_qps);
@@ -124,7 +138,8 @@ pub async fn run(
         pods: HashMap::new(),
         groups: HashMap::new(),
         rate,
-        wake,
+        wake: wakes.services,
+        wake_bindings: wakes.bindings,
     };
     let mut events = watcher(Api::<Pod>::all(client), watcher::Config::default())
         .default_backoff()
@@ -177,57 +192,101 @@ impl Tracker {
                 .map(gate::gates)
                 .unwrap_or_default();
             for (_, owner) in owners {
-                if let GateOwner::Service(svc) = owner {
-                    let _ = self.wake.unbounded_send(ObjectRef::new(&svc).within(&ns));
-                }
+                self.wake_owner(&ns, &owner);
             }
         }
         if !self.ctx.is_leader() || !self.ctx.stores_synced() {
             return;
         }
-        // Gated pods per owning Service.
-        let mut by_service: BTreeMap<(String, String), Vec<(String, Pod)>> = BTreeMap::new();
+        // Gated pods per owner (Service or TargetGroupBinding).
+        let mut by_owner: BTreeMap<(String, GateOwner), Vec<(String, Pod)>> = BTreeMap::new();
         for ((ns, _), p) in &self.pods {
             for (type_, owner) in gate::gates(p) {
-                if let GateOwner::Service(svc) = owner {
-                    by_service
-                        .entry((ns.clone(), svc))
-                        .or_default()
-                        .push((type_, p.clone()));
-                }
+                by_owner
+                    .entry((ns.clone(), owner))
+                    .or_default()
+                    .push((type_, p.clone()));
             }
         }
-        for ((ns, svc), pods) in by_service {
-            self.follow_service(&ns, &svc, &pods).await;
+        let mut live = HashSet::new();
+        for ((ns, owner), pods) in by_owner {
+            if let Some((synced_at, groups)) = self.groups_of(&ns, &owner) {
+                live.extend(groups.values().map(|g| g.arn.clone()));
+                self.follow(&ns, synced_at, groups, &pods).await;
+            }
         }
-        let live: HashSet<String> = self.live_groups();
         self.groups.retain(|arn, _| live.contains(arn));
     }
 
-    /// ARNs of every group of a Service with gated pods.
-    fn live_groups(&self) -> HashSet<String> {
-        let mut out = HashSet::new();
-        for ((ns, _), p) in &self.pods {
-            for (_, owner) in gate::gates(p) {
-                if let GateOwner::Service(svc) = owner {
-                    let key = ObjectRef::<Service>::new(&svc).within(ns);
-                    if let Some(a) = self.ctx.services_memory.applied.get(&key) {
-                        out.extend(a.target_groups.values().map(|g| g.arn.clone()));
-                    }
+    /// Wakes the reconcile that registers the owner's targets.
+    fn wake_owner(&self, ns: &str, owner: &GateOwner) {
+        match owner {
+            GateOwner::Service(svc) => {
+                let _ = self.wake.unbounded_send(ObjectRef::new(svc).within(ns));
+            }
+            GateOwner::Binding(name) => {
+                let svc = self.binding(ns, name).and_then(|b| {
+                    self.ctx
+                        .services
+                        .get(&ObjectRef::new(&b.spec.service_ref.name).within(ns))
+                });
+                if let Some(svc) = svc {
+                    let _ = self.wake_bindings.unbounded_send((*svc).clone());
                 }
             }
         }
-        out
     }
 
-    /// Polls the Service's groups that are due, then writes every gate that changed.
-    async fn follow_service(&mut self, ns: &str, svc: &str, pods: &[(String, Pod)]) {
-        let key = ObjectRef::<Service>::new(svc).within(ns);
-        let Some(applied) = self.ctx.services_memory.applied.get(&key) else {
-            return;
-        };
-        let synced_at = applied.at;
-        let groups = applied.target_groups;
+    fn binding(&self, ns: &str, name: &str) -> Option<Arc<TargetGroupBinding>> {
+        self.ctx
+            .bindings
+            .store
+            .get()?
+            .get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// The owner's target groups by name, and its last sync (a Service's; `None` for a binding):
+    /// a Service's from the last sync, an ip binding's one group with the targets last seen in it.
+    fn groups_of(
+        &self,
+        ns: &str,
+        owner: &GateOwner,
+    ) -> Option<(Option<Instant>, BTreeMap<String, RegisteredGroup>)> {
+        match owner {
+            GateOwner::Service(svc) => {
+                let key = ObjectRef::<Service>::new(svc).within(ns);
+                let applied = self.ctx.services_memory.applied.get(&key)?;
+                Some((Some(applied.at), applied.target_groups))
+            }
+            GateOwner::Binding(name) => {
+                let b = self.binding(ns, name)?;
+                if b.spec.target_type != TargetType::Ip {
+                    return None;
+                }
+                let arn = b.spec.target_group_arn.clone();
+                let targets = self
+                    .groups
+                    .get(&arn)
+                    .map(GroupClock::answered_targets)
+                    .unwrap_or_default();
+                let group = RegisteredGroup {
+                    arn,
+                    targets,
+                    health_check_interval_seconds: BOUND_GROUP_INTERVAL_SECONDS,
+                };
+                Some((None, [(name.clone(), group)].into()))
+            }
+        }
+    }
+
+    /// Polls the owner's groups that are due, then writes every gate that changed.
+    async fn follow(
+        &mut self,
+        ns: &str,
+        synced_at: Option<Instant>,
+        groups: BTreeMap<String, RegisteredGroup>,
+        pods: &[(String, Pod)],
+    ) {
         // What each gate would say now, from the last answers.
         let desired = |groups_health: &HashMap<String, GroupClock>| -> Vec<(usize, GateStatus)> {
             pods.iter()
@@ -266,7 +325,9 @@ impl Tracker {
                     .max(0.05),
             );
             let clock = self.groups.entry(g.arn.clone()).or_default();
-            clock.note_sync(synced_at);
+            if let Some(at) = synced_at {
+                clock.note_sync(at);
+            }
             if !clock.due(now, interval, unsettled, &g.targets) || !self.rate.take(now) {
                 continue;
             }

@@ -78,6 +78,15 @@ impl GroupClock {
         self.last_poll = Some(now);
     }
 
+    /// The targets of the last answer (draining ones excepted).
+    pub fn answered_targets(&self) -> BTreeSet<Target> {
+        self.health
+            .iter()
+            .filter(|h| h.state != "draining")
+            .map(|h| h.target.clone())
+            .collect()
+    }
+
     /// The target's last known health (`None`: not in the last answer, or never polled).
     pub fn health_of(&self, target: &Target) -> Option<&TargetHealth> {
         self.health.iter().find(|h| h.target == *target)
