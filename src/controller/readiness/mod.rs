@@ -314,9 +314,10 @@ impl Tracker {
                 .collect()
         };
         // Unsettled: a gate is not yet written, or still False (its target may pass any time).
-        let unsettled = desired(&self.groups)
-            .iter()
-            .any(|(i, s)| !s.ready || !s.is_set_on(&pods[*i].1, &pods[*i].0));
+        let unsettled = desired(&self.groups).iter().any(|(i, s)| {
+            let (type_, pod) = &pods[*i];
+            pod.metadata.deletion_timestamp.is_none() && (!s.ready || !s.is_set_on(pod, type_))
+        });
         let now = Instant::now();
         for g in groups.values() {
             let interval = Duration::from_secs_f64(
@@ -343,7 +344,8 @@ impl Tracker {
         }
         for (i, status) in desired(&self.groups) {
             let (type_, pod) = &pods[i];
-            if !status.is_set_on(pod, type_) {
+            // A terminating pod is deregistered on purpose; its gate no longer matters.
+            if pod.metadata.deletion_timestamp.is_none() && !status.is_set_on(pod, type_) {
                 self.write(ns, pod, type_, &status).await;
             }
         }
