@@ -790,7 +790,10 @@ async fn service_annotations_cannot_reach_outside_what_the_admin_allows() {
         )
         .await
         .expect("the tagged-sg Service's NLB");
-    assert_eq!(tagged_lb.security_groups(), std::slice::from_ref(&shared_sg));
+    assert_eq!(
+        tagged_lb.security_groups(),
+        std::slice::from_ref(&shared_sg)
+    );
     println!(
         "allowed by tag: security group {shared_sg} ({share_tag}={}) attached",
         cloud.cluster
