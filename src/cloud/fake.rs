@@ -150,7 +150,11 @@ impl FakeCloud {
                         .as_ref()
                         .is_some_and(|p| t.name.starts_with(p.as_str()))
             })
-            .cloned()
+            // The fake's targets pass their checks at once.
+            .map(|t| ObservedTargetGroup {
+                healthy: t.targets.len(),
+                ..t.clone()
+            })
             .collect();
         let security_group = s
             .security_groups
@@ -206,6 +210,7 @@ impl FakeCloud {
                             attributes: tg.attributes.clone(),
                             tags: tg.tags.clone(),
                             targets: BTreeSet::new(),
+                            healthy: 0,
                         },
                     );
                 }

@@ -158,7 +158,8 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
         (http_thread, http_limits),
         draining.clone(),
         tracker.clone(),
-    );
+    )
+    .with_node_port_linger(args.node_port_linger);
     // Table updates keep being applied through the whole shutdown: pods move meanwhile too.
     let updates_proxy = Arc::clone(&proxy);
     let updates = tokio::spawn(async move {
