@@ -42,6 +42,10 @@ pub struct ControllerMetrics {
     pub orphans_deleted: Counter,
     pub not_ready_withheld: Counter,
     pub leader: Gauge,
+    /// DescribeTargetHealth calls of the readiness-gate tracker (also in `aws_calls`).
+    pub target_health_polls: Counter,
+    /// Pod readiness-gate conditions written (pods/status patches).
+    pub readiness_gate_updates: Counter,
     registry: Arc<Registry>,
 }
 
@@ -102,7 +106,21 @@ impl ControllerMetrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let target_health_polls = Counter::default();
+        r.register(
+            "target_health_polls",
+            "DescribeTargetHealth calls made to follow targets in transition for pod readiness gates",
+            target_health_polls.clone(),
+        );
+        let readiness_gate_updates = Counter::default();
+        r.register(
+            "readiness_gate_updates",
+            "Pod readiness-gate conditions written",
+            readiness_gate_updates.clone(),
+        );
         ControllerMetrics {
+            target_health_polls,
+            readiness_gate_updates,
             aws_calls,
             reconciles,
             reconcile_seconds,

@@ -160,13 +160,38 @@ fn default_values_render_a_locked_down_two_replica_controller_and_no_node_proxy(
             "ClusterRoleBinding",
             "ConfigMap",
             "Deployment",
+            "MutatingWebhookConfiguration",
             "PodDisruptionBudget",
             "Role",
             "RoleBinding",
+            "Secret",
             "Service",
             "ServiceAccount",
         ]),
         "no DaemonSet unless nodeProxy.enabled"
+    );
+    // The readiness-gate webhook: never blocking, only for namespaces that opt in.
+    let hooks = docs
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .expect("webhook configuration");
+    let selectors: Vec<&Value> = hooks["webhooks"]
+        .as_array()
+        .expect("webhooks")
+        .iter()
+        .inspect(|w| {
+            assert_eq!(w["failurePolicy"], "Ignore");
+            assert_eq!(w["sideEffects"], "None");
+            assert_eq!(w["clientConfig"]["service"]["path"], "/mutate-pod");
+        })
+        .map(|w| &w["namespaceSelector"]["matchLabels"])
+        .collect();
+    assert_eq!(
+        selectors,
+        vec![
+            &json!({"cloudlb.io/pod-readiness-gate-inject": "enabled"}),
+            &json!({"elbv2.k8s.aws/pod-readiness-gate-inject": "enabled"})
+        ]
     );
     let deploy = one(&docs, "Deployment", "rel-cloudlb-controller");
     assert_eq!(deploy["metadata"]["namespace"], "lb-system");
@@ -186,8 +211,15 @@ fn default_values_render_a_locked_down_two_replica_controller_and_no_node_proxy(
             "--leader-elect",
             "--lease-namespace=lb-system",
             "--lease-name=rel-cloudlb-controller",
+            "--webhook-addr=0.0.0.0:9443",
+            "--webhook-cert-dir=/webhook-certs",
         ]
     );
+    assert_eq!(
+        pod["volumes"][0]["secret"]["secretName"],
+        "rel-cloudlb-controller-webhook-tls"
+    );
+    assert_eq!(c["volumeMounts"][0]["readOnly"], true);
     assert!(env_value(c, "AWS_ENDPOINT_URL").is_none());
     assert_eq!(c["ports"][0]["containerPort"], 8080);
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
@@ -371,6 +403,10 @@ fn rbac_grants_exactly_what_each_component_needs() {
             "/nodes get",
             "/nodes list",
             "/nodes watch",
+            "/pods get",
+            "/pods list",
+            "/pods watch",
+            "/pods/status patch",
             "discovery.k8s.io/endpointslices get",
             "discovery.k8s.io/endpointslices list",
             "discovery.k8s.io/endpointslices watch",
@@ -852,7 +888,11 @@ async fn installed_chart_gives_the_controller_exactly_its_permissions() {
         ("", "create", "targetgroupbindings.cloudlb.io", false),
         ("", "delete", "targetgroupbindings.cloudlb.io", false),
         ("", "create", "events", false),
-        ("", "list", "pods", false),
+        // Pods: read for their readiness gates, the gate condition patched; nothing else.
+        ("", "list", "pods", true),
+        ("", "patch", "pods/status", true),
+        ("", "patch", "pods", false),
+        ("", "delete", "pods", false),
         ("", "get", "secrets", false),
         ("", "list", "configmaps", false),
         ("", "create", "leases.coordination.k8s.io", false),
@@ -969,9 +1009,44 @@ fn token_kubeconfig(rig: &Rig, token: &str) -> tempfile::NamedTempFile {
     file
 }
 
-/// The installed Deployment's container args, with the metrics address moved to a free loopback
-/// port (the host process shares the host's network).
-fn deployment_args(rig: &Rig, ns: &str, name: &str, metrics_port: u16) -> Vec<String> {
+/// The installed Deployment's container args, with the metrics and webhook addresses moved to
+/// free loopback ports (the host process shares the host's network) and the webhook's
+/// certificate read from the chart's Secret into `cert_dir` (what the pod mounts).
+fn deployment_args(
+    rig: &Rig,
+    ns: &str,
+    name: &str,
+    metrics_port: u16,
+    cert_dir: &std::path::Path,
+) -> Vec<String> {
+    for file in ["tls.crt", "tls.key"] {
+        let b64 = rig.kubectl(&[
+            "get",
+            "secret",
+            &format!("{name}-webhook-tls"),
+            "-n",
+            ns,
+            "-o",
+            &format!("jsonpath={{.data.{}}}", file.replace('.', "\\.")),
+        ]);
+        let out = std::process::Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(b64.trim().as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("base64 -d");
+        assert!(!out.stdout.is_empty(), "the chart's Secret holds {file}");
+        std::fs::write(cert_dir.join(file), out.stdout).expect("write cert");
+    }
+    let webhook_port = support::cloud::free_port();
     let out = rig.kubectl(&[
         "get",
         "deployment",
@@ -983,9 +1058,16 @@ fn deployment_args(rig: &Rig, ns: &str, name: &str, metrics_port: u16) -> Vec<St
     ]);
     let args: Vec<String> = serde_json::from_str(&out).expect("args are a JSON list");
     args.into_iter()
-        .map(|a| match a.strip_prefix("--metrics-addr=") {
-            Some(_) => format!("--metrics-addr=127.0.0.1:{metrics_port}"),
-            None => a,
+        .map(|a| {
+            if a.starts_with("--metrics-addr=") {
+                format!("--metrics-addr=127.0.0.1:{metrics_port}")
+            } else if a.starts_with("--webhook-addr=") {
+                format!("--webhook-addr=127.0.0.1:{webhook_port}")
+            } else if a.starts_with("--webhook-cert-dir=") {
+                format!("--webhook-cert-dir={}", cert_dir.display())
+            } else {
+                a
+            }
         })
         .collect()
 }
@@ -1028,7 +1110,8 @@ async fn controller_with_only_the_chart_token_runs_a_service_and_a_binding_lifec
 
     // The chart's own flags (leader election on the chart's Lease included), the chart's token.
     let metrics_port = free_port();
-    let args = deployment_args(rig, &ns, &sa, metrics_port);
+    let cert_dir = tempfile::tempdir().expect("tempdir");
+    let args = deployment_args(rig, &ns, &sa, metrics_port, cert_dir.path());
     assert!(
         args.contains(&"--leader-elect".to_string())
             && args.contains(&format!("--lease-name={sa}"))

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use support::backends::{self, Backend, LoadReport, Outcome, tcp_line_server, udp_server};
 use support::cloud::{ControllerProc, TestCloud, http_get};
 use support::emulator::{Emulator, EmulatorConfig, Health};
+use support::health_endpoint::HealthEndpoint;
 use support::netns::NetnsSockets;
 use support::{NetNs, Proc, Rig, TestNamespace, TestNode, eventually};
 
@@ -57,6 +58,8 @@ struct World {
     cloud: TestCloud,
     emu: Emulator,
     _controller: ControllerProc,
+    /// The controller's AWS endpoint: LocalStack, with target health from the emulator.
+    _health: HealthEndpoint,
     _lbs: NetNs,
 }
 
@@ -65,19 +68,24 @@ impl World {
         let rig = Rig::get();
         let ns = TestNamespace::new(rig, prefix).await;
         let cloud = TestCloud::new(rig, prefix).await;
-        let controller = ControllerProc::start(rig, &cloud, &[]);
         let lbs = NetNs::new(&format!("{prefix}-lb"));
         let mut config = EmulatorConfig::new(&lbs.name);
         config.cluster = Some(cloud.cluster.clone());
         config.time_scale = TIME_SCALE;
         config.poll_interval = Duration::from_millis(200);
         let emu = Emulator::start(&rig.aws().await, config).await;
+        let health =
+            HealthEndpoint::start("127.0.0.1:0", &rig.aws_endpoint, emu.health_view()).await;
+        let endpoint = health.url();
+        let controller =
+            ControllerProc::start_with_env(rig, &cloud, &[], &[("AWS_ENDPOINT_URL", &endpoint)]);
         World {
             rig,
             ns,
             cloud,
             emu,
             _controller: controller,
+            _health: health,
             _lbs: lbs,
         }
     }
@@ -779,11 +787,11 @@ async fn node_removal_with_traffic_port_tcp_checks_drops_connections() {
 /// A Service port's nodePort changes: a new target group is created and registered, the
 /// listener moves to it, the old one is deregistered and deleted.
 ///
-/// Known gap (ignored until fixed): the node proxies close the old node port at once while the
-/// NLB still sends there, and the listener moves before the new group's targets pass a check,
-/// so connections are refused for a few (scaled) health-check rounds. Run with `--ignored`.
+/// Nothing may fail: the node proxies keep the old node port accepting (`--node-port-linger`)
+/// while the NLB still sends there, and the controller moves the listener only once the new
+/// group's targets passed their checks behind a warm-up listener (the controller reads target
+/// health from the emulator through the rig's health endpoint, as it would from AWS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a nodePort change drops connections (see the doc comment)"]
 async fn node_port_change_moves_the_listener_to_a_new_target_group() {
     let w = World::new("e2e-np").await;
     let a = w.node("e2e-np-a").await;
@@ -814,19 +822,10 @@ async fn node_port_change_moves_the_listener_to_a_new_target_group() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let api: Api<Service> = Api::namespaced(w.rig.client().await, &w.ns.name);
-    let new_port = if old_port == 32000 {
-        32001
-    } else {
-        old_port + 1
-    };
-    api.patch(
-        "np",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"ports": [
-            {"name": "web", "port": 80, "targetPort": "web", "protocol": "TCP", "nodePort": new_port}]}})),
-    )
-    .await
-    .unwrap();
+    let new_port = support::move_node_port(&api, "np", old_port as u16, |n| {
+        json!([{"name": "web", "port": 80, "targetPort": "web", "protocol": "TCP", "nodePort": n}])
+    })
+    .await;
     let moved = Instant::now();
     eventually("the listener on the new target group", WAIT, || async {
         w.emu

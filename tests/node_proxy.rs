@@ -1003,6 +1003,81 @@ async fn graceful_shutdown_fails_health_first_then_stops_accepting_then_drains()
     }
 }
 
+/// A Service port moved to another nodePort: the old one keeps accepting (and follows the
+/// port's endpoints) for `--node-port-linger`, then closes; its connections outlive it.
+#[tokio::test]
+async fn an_old_node_port_lingers_after_a_node_port_change_then_closes() {
+    let w = World::new("np-ling").await;
+    let mut node = w.node("np-ling-n").await;
+    let _a = w.pod("pod-a", "ling", &node).await;
+    let ports = |node_port: Option<u16>| {
+        let mut p = json!({"name": "web", "port": 80, "targetPort": POD_TCP, "protocol": "TCP"});
+        if let Some(n) = node_port {
+            p["nodePort"] = json!(n);
+        }
+        json!([p])
+    };
+    let svc = w
+        .service(
+            "ling",
+            json!({"type": "LoadBalancer", "selector": {"app": "ling"}, "ports": ports(None)}),
+        )
+        .await;
+    node.start_proxy(
+        &w,
+        &["--shutdown-health-delay", "0s", "--node-port-linger", "8s"],
+    )
+    .await;
+    let old_port = node_port(&svc, "TCP");
+    let old = node.addr(old_port);
+    until_served_by(&w, old, &["pod-a"]).await;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let established = in_netns(&w.client, move || {
+        let mut conn = LineConn::open(old).unwrap();
+        conn.ask("before").unwrap();
+        rx.recv().unwrap();
+        conn.ask("after")
+    });
+
+    let api: Api<Service> = Api::namespaced(w.rig.client().await, &w.ns.name);
+    let new_port = support::move_node_port(&api, "ling", old_port, |n| ports(Some(n))).await;
+    let moved = Instant::now();
+    let new = node.addr(new_port);
+    until_served_by(&w, new, &["pod-a"]).await;
+    // The old port still takes new connections, to the port's current endpoints.
+    let _b = w.pod("pod-b", "ling", &node).await;
+    until_served_by(&w, old, &["pod-a", "pod-b"]).await;
+    eventually(
+        "the old node port closes after lingering",
+        SETTLE,
+        || async {
+            let r = w
+                .as_client(move || TcpStream::connect_timeout(&old, IO_TIMEOUT))
+                .await;
+            match r {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    let closed_after = moved.elapsed();
+    println!("old node port lingered {closed_after:?} after the change (linger 8 s)");
+    assert!(closed_after >= Duration::from_secs(8), "{closed_after:?}");
+    tx.send(()).unwrap();
+    let after = tokio::task::spawn_blocking(move || established.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(after.unwrap(), "pod-a", "an established connection was cut");
+    until_served_by(&w, new, &["pod-a", "pod-b"]).await;
+    let log = node.proxy_log();
+    assert!(log.contains("the old one keeps accepting"), "{log}");
+    assert!(
+        log.contains("old node port closed after lingering"),
+        "{log}"
+    );
+}
+
 /// Connects once: true when nothing listens there (the proxy did not take the port).
 fn refused(addr: SocketAddr) -> bool {
     matches!(TcpStream::connect_timeout(&addr, IO_TIMEOUT),

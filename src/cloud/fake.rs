@@ -150,7 +150,11 @@ impl FakeCloud {
                         .as_ref()
                         .is_some_and(|p| t.name.starts_with(p.as_str()))
             })
-            .cloned()
+            // The fake's targets pass their checks at once.
+            .map(|t| ObservedTargetGroup {
+                healthy: t.targets.len(),
+                ..t.clone()
+            })
             .collect();
         let security_group = s
             .security_groups
@@ -206,6 +210,7 @@ impl FakeCloud {
                             attributes: tg.attributes.clone(),
                             tags: tg.tags.clone(),
                             targets: BTreeSet::new(),
+                            healthy: 0,
                         },
                     );
                 }
@@ -452,6 +457,25 @@ impl Cloud for FakeCloud {
     ) -> BoxFuture<'a, Result<Option<BTreeSet<Target>>, CloudError>> {
         self.journal.push(format!("cloud:active-targets {arn}"));
         Box::pin(async move { Ok(None) })
+    }
+
+    fn target_health<'a>(
+        &'a self,
+        arn: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<crate::cloud::TargetHealth>>, CloudError>> {
+        self.journal.push(format!("cloud:target-health {arn}"));
+        let s = self.state.lock().expect("fake lock");
+        let out = s.target_groups.get(arn).map(|tg| {
+            tg.targets
+                .iter()
+                .map(|t| crate::cloud::TargetHealth {
+                    target: t.clone(),
+                    state: "healthy".into(),
+                    reason: None,
+                })
+                .collect()
+        });
+        Box::pin(async move { Ok(out) })
     }
 
     fn register_targets<'a>(

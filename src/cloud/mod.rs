@@ -114,6 +114,17 @@ pub struct Deployed {
     pub target_group_arns: BTreeMap<String, String>,
 }
 
+/// One target's health as ELBv2 reports it (`DescribeTargetHealth`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetHealth {
+    pub target: Target,
+    /// `initial`, `healthy`, `unhealthy`, `unhealthy.draining`, `unused`, `draining` or
+    /// `unavailable`, as ELBv2 spells it.
+    pub state: String,
+    /// ELBv2's reason code (`Elb.InitialHealthChecking`, `Target.FailedHealthChecks`, …).
+    pub reason: Option<String>,
+}
+
 /// A target group bound by a TargetGroupBinding, as read from the cloud.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BoundTargetGroup {
@@ -238,6 +249,13 @@ pub trait Cloud: Send + Sync {
         &'a self,
         arn: &'a str,
     ) -> BoxFuture<'a, Result<Option<BTreeSet<Target>>, CloudError>>;
+
+    /// Every registered target's health (draining ones included); `None` when the group is
+    /// gone. For pod readiness gates (see `controller::readiness`).
+    fn target_health<'a>(
+        &'a self,
+        arn: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<TargetHealth>>, CloudError>>;
 
     /// Registers targets in a target group.
     fn register_targets<'a>(

@@ -48,6 +48,9 @@ pub struct ObservedTargetGroup {
     pub attributes: Attributes,
     pub tags: BTreeMap<String, String>,
     pub targets: BTreeSet<Target>,
+    /// How many of `targets` DescribeTargetHealth reports `healthy` (a listener moves to a new
+    /// group only once it has some; see `moves`).
+    pub healthy: usize,
 }
 
 /// Everything one Service owns in the cloud right now.
@@ -734,6 +737,9 @@ fn changed_entries(
         .collect()
 }
 
+mod moves;
+pub use moves::{HeldMove, hold_listener_moves, wait_bound, warm_up_port};
+
 #[cfg(test)]
 mod tag_and_protection_tests;
 
@@ -792,6 +798,7 @@ mod tests {
                 .collect(),
                 tags: t.tags.clone(),
                 targets: t.targets.clone(),
+                healthy: t.targets.len(),
             })
             .collect();
         ObservedStack {

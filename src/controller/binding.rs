@@ -152,7 +152,11 @@ fn desire(b: &TargetGroupBinding, ctx: &Context) -> Result<BTreeSet<Target>, Bin
         TargetType::Ip => Vec::new(),
     };
     let slices: Vec<EndpointSlice> = match b.spec.target_type {
-        TargetType::Ip => crate::model::slices_of_service(&ctx.slices.state(), &ns, name),
+        // Pods waiting only on their readiness gates are registered (else a gate never passes).
+        TargetType::Ip => super::readiness::gate::with_gated_ready(
+            crate::model::slices_of_service(&ctx.slices.state(), &ns, name),
+            &ctx.gated.snapshot(),
+        ),
         TargetType::Instance => Vec::new(),
     };
     let policy = NodePolicy {

@@ -13,11 +13,13 @@ pub mod memory;
 pub mod orphans;
 pub mod plan_cmd;
 pub mod policy;
+pub mod readiness;
 pub mod service;
 pub mod status;
 #[cfg(test)]
 pub mod testing;
 pub mod text;
+pub mod webhook;
 pub mod writes;
 
 use std::collections::HashMap;
@@ -183,6 +185,12 @@ pub struct ControllerArgs {
     /// How long an orphan must stay orphaned before it is deleted.
     #[arg(long, env = "CLOUDLB_ORPHAN_GRACE_SECONDS", default_value_t = 600)]
     pub orphan_grace_seconds: u64,
+    /// Pod readiness gates (see [`readiness`]).
+    #[command(flatten)]
+    pub readiness: readiness::ReadinessArgs,
+    /// The readiness-gate injection webhook (see [`webhook`]).
+    #[command(flatten)]
+    pub webhook: webhook::WebhookArgs,
 }
 
 /// The finalizer of the default class: it guarantees teardown before a Service disappears.
@@ -242,6 +250,8 @@ pub struct Context {
     pub leading: CancellationToken,
     /// The TargetGroupBinding controller's memory.
     pub bindings: binding::State,
+    /// Pods waiting only on their readiness gates (kept by [`readiness`]).
+    pub gated: readiness::Waiting,
 }
 
 impl Context {
@@ -366,6 +376,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         leading: leading.clone(),
         services_memory: service::Memory::default(),
         bindings: binding::State::default(),
+        gated: readiness::Waiting::default(),
     });
 
     // The Service controller drives the three watch streams; the binding controller gets a copy
@@ -373,6 +384,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let (node_tx, node_rx) = futures::channel::mpsc::unbounded::<Node>();
     let (slice_tx, slice_rx) = futures::channel::mpsc::unbounded::<EndpointSlice>();
     let (svc_tx, svc_rx) = futures::channel::mpsc::unbounded::<Service>();
+    let svc_tx_for_gates = svc_tx.clone();
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
     let relist_tx_for_lead = relist_tx.clone();
     // Readiness comes from the watch streams themselves (the first InitDone, which a reflector
@@ -593,8 +605,30 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 .collect();
             futures::stream::iter(wake)
         });
+    {
+        let (ctx, args, shutdown) = (ctx.clone(), args.webhook.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = webhook::serve(ctx, args, shutdown.clone()).await {
+                tracing::error!(error = %e, "the readiness-gate webhook cannot start; exiting");
+                shutdown.cancel();
+            }
+        });
+    }
+    // Pods that wait only on their readiness gates become targets: their Service is woken.
+    let (gate_tx, gate_rx) = futures::channel::mpsc::unbounded::<ObjectRef<Service>>();
+    tokio::spawn(readiness::run(
+        ctx.clone(),
+        client.clone(),
+        args.readiness.clone(),
+        readiness::Wakes {
+            services: gate_tx,
+            bindings: svc_tx_for_gates,
+        },
+        shutdown.clone(),
+    ));
     let services = controller
         .reconcile_on(node_wakes)
+        .reconcile_on(gate_rx)
         .reconcile_on(slice_wakes)
         .reconcile_all_on(lead_rx)
         .graceful_shutdown_on(stop())

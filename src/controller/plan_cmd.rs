@@ -69,6 +69,7 @@ pub async fn run(args: PlanArgs) -> anyhow::Result<()> {
             nodes: &nodes,
             slices: &slices,
             pending_target_groups: BTreeSet::new(),
+            gated: Default::default(),
             applied: None,
             name_holder: None,
             resync: Duration::ZERO,

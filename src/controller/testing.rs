@@ -193,6 +193,7 @@ impl World {
             },
             services_memory: Default::default(),
             bindings: Default::default(),
+            gated: Default::default(),
         };
         let mut w = World {
             ctx: Arc::new(ctx),

@@ -82,6 +82,13 @@ pub struct NodeProxyArgs {
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub shutdown_health_delay: Duration,
 
+    /// When a Service port moves to a new nodePort, how long the old one keeps accepting (and
+    /// sending to the port's current endpoints): its load balancer sends there until the
+    /// listener moves to the new target group, which cloudlb does once that group's targets
+    /// pass their health checks (at most 300 s). `0s` closes it at once, as kube-proxy does.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub node_port_linger: Duration,
+
     /// After accepting stops, how long open connections and UDP flows may take to finish.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

@@ -1,10 +1,13 @@
 //! Makes the running sockets match the table: binds new frontends and health-check ports, swaps
 //! the endpoint set of changed ones in place (listener untouched, open connections untouched),
-//! and closes removed ones. Logs each change once, at info.
+//! and closes removed ones. A Service port that moved to a new nodePort keeps its old one
+//! accepting for `--node-port-linger` (its load balancer sends there until the listener moves
+//! to the new target group). Logs each change once, at info.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::tracker::Tracker;
 use tokio::sync::watch;
@@ -26,6 +29,13 @@ struct RunningFrontend {
     port: Arc<PortState>,
 }
 
+/// An old nodePort still accepting after its Service port moved; `kept` is cancelled when the
+/// port is taken back into the table (its closing timer then stands down).
+struct Retired {
+    running: RunningFrontend,
+    kept: CancellationToken,
+}
+
 struct RunningHealthCheck {
     check: watch::Sender<HealthCheck>,
     stop: CancellationToken,
@@ -44,6 +54,8 @@ pub struct Dataplane {
     frontends: BTreeMap<FrontendKey, RunningFrontend>,
     health_checks: BTreeMap<u16, RunningHealthCheck>,
     cluster: Option<ClusterLeg>,
+    retired: BTreeMap<FrontendKey, Retired>,
+    linger: Duration,
 }
 
 impl Dataplane {
@@ -71,6 +83,8 @@ impl Dataplane {
             frontends: BTreeMap::new(),
             health_checks: BTreeMap::new(),
             cluster: None,
+            retired: BTreeMap::new(),
+            linger: Duration::ZERO,
         }
     }
 
@@ -95,11 +109,18 @@ impl Dataplane {
         }
     }
 
+    /// Old nodePorts of Services that moved keep accepting for `linger` (zero: closed at once).
+    pub fn with_node_port_linger(mut self, linger: Duration) -> Dataplane {
+        self.linger = linger;
+        self
+    }
+
     /// Applies `table`. Returns false when some socket could not be bound (retry later).
     pub async fn apply(&mut self, table: &Table) -> bool {
         let mut all_bound = true;
         self.metrics.table_updated();
 
+        self.reclaim_retired(table);
         let gone: Vec<FrontendKey> = self
             .frontends
             .keys()
@@ -107,7 +128,7 @@ impl Dataplane {
             .copied()
             .collect();
         for key in gone {
-            self.close_frontend(key);
+            self.retire_or_close(key, table);
         }
         for (key, frontend) in &table.frontends {
             let same_service = self
@@ -123,6 +144,8 @@ impl Dataplane {
                 None => all_bound &= self.open_frontend(*key, frontend).await,
             }
         }
+
+        self.follow_successors(table);
 
         let gone: Vec<u16> = self
             .health_checks
@@ -229,6 +252,88 @@ impl Dataplane {
         }
     }
 
+    /// A removed frontend whose Service port lives on under another nodePort lingers (still
+    /// accepting, closed by a timer); any other closes now.
+    fn retire_or_close(&mut self, key: FrontendKey, table: &Table) {
+        let moved = self
+            .frontends
+            .get(&key)
+            .is_some_and(|r| successor(table, key, &r.config.borrow().service).is_some());
+        if !moved || self.linger.is_zero() || self.draining.is_cancelled() {
+            self.close_frontend(key);
+            return;
+        }
+        let Some(running) = self.frontends.remove(&key) else {
+            return;
+        };
+        let kept = CancellationToken::new();
+        let (stop, metrics, port) = (
+            running.removed.clone(),
+            Arc::clone(&self.metrics),
+            Arc::clone(&running.port),
+        );
+        let (linger, stand_down) = (self.linger, kept.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(linger) => {
+                    stop.cancel();
+                    metrics.remove_port(&port.metrics);
+                    info!(frontend = %key, "old node port closed after lingering");
+                }
+                _ = stand_down.cancelled() => {}
+            }
+        });
+        info!(frontend = %key, service = %running.config.borrow().service, ?linger,
+              "service port moved to another node port; the old one keeps accepting");
+        self.retired.insert(key, Retired { running, kept });
+    }
+
+    /// Lingering ports the table wants again: the same Service port takes it back as it is;
+    /// another one gets it fresh (closed here, opened by `apply`). Closed ones are forgotten.
+    fn reclaim_retired(&mut self, table: &Table) {
+        let keys: Vec<FrontendKey> = self.retired.keys().copied().collect();
+        for key in keys {
+            let closed = self.retired[&key].running.removed.is_cancelled();
+            let Some(wanted) = table.frontends.get(&key) else {
+                if closed {
+                    self.retired.remove(&key);
+                }
+                continue;
+            };
+            let Some(r) = self.retired.remove(&key) else {
+                continue;
+            };
+            r.kept.cancel();
+            if !closed && r.running.config.borrow().service == wanted.service {
+                info!(frontend = %key, "node port back in use by its service port");
+                self.frontends.insert(key, r.running);
+            } else if !closed {
+                r.running.removed.cancel();
+                self.metrics.remove_port(&r.running.port.metrics);
+                info!(frontend = %key, "lingering node port handed to another service port");
+            }
+        }
+    }
+
+    /// Lingering ports send to their Service port's current endpoints.
+    fn follow_successors(&self, table: &Table) {
+        for (key, r) in &self.retired {
+            let service = r.running.config.borrow().service.clone();
+            if let Some(next) = successor(table, *key, &service) {
+                r.running.config.send_if_modified(|current| {
+                    if current.targets == next.targets && current.serving == next.serving {
+                        return false;
+                    }
+                    *current = Arc::new(Frontend {
+                        service: current.service.clone(),
+                        ..(**next).clone()
+                    });
+                    true
+                });
+            }
+        }
+    }
+
     fn open_health_check(&mut self, port: u16, check: &HealthCheck) -> bool {
         let addr = SocketAddr::new(self.bind, port);
         let listener = match http::bind(addr) {
@@ -253,6 +358,19 @@ impl Dataplane {
             .insert(port, RunningHealthCheck { check: tx, stop });
         true
     }
+}
+
+/// The frontend the Service port of `key` has now under another nodePort (same protocol).
+fn successor<'t>(
+    table: &'t Table,
+    key: FrontendKey,
+    service: &super::table::ServicePortName,
+) -> Option<&'t Arc<Frontend>> {
+    table
+        .frontends
+        .iter()
+        .find(|(k, f)| **k != key && k.protocol == key.protocol && f.service == *service)
+        .map(|(_, f)| f)
 }
 
 fn gauge_value(n: usize) -> i64 {

@@ -169,7 +169,8 @@ async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
         (http_thread, http_limits),
         draining.clone(),
         tracker.clone(),
-    );
+    )
+    .with_node_port_linger(args.node_port_linger);
     if cluster_leg {
         info!(table = %args.nft_table, "ClusterIP leg on: nftables table ip {}", args.nft_table);
         dataplane = dataplane.with_cluster_leg(nft::Nft {

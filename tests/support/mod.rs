@@ -545,3 +545,32 @@ pub async fn service_hostname(
         .hostname
         .clone()
 }
+
+/// Moves the Service's ports to a nodePort of their own: `ports(n)` is the whole `ports` list
+/// with nodePort `n`; tried from `after + 1` up (skipping ports another Service holds), at most
+/// 50. Returns the port taken.
+pub async fn move_node_port(
+    api: &kube::Api<k8s_openapi::api::core::v1::Service>,
+    name: &str,
+    after: u16,
+    ports: impl Fn(u16) -> serde_json::Value,
+) -> u16 {
+    let mut port = after;
+    for _ in 0..50 {
+        port = if port >= 32767 { 30000 } else { port + 1 };
+        let patch = serde_json::json!({"spec": {"ports": ports(port)}});
+        match api
+            .patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => return port,
+            Err(kube::Error::Api(s)) if s.message.contains("already allocated") => continue,
+            Err(e) => panic!("move {name}'s nodePort to {port}: {e}"),
+        }
+    }
+    panic!("no free nodePort after {after} for {name}")
+}

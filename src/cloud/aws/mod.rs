@@ -46,6 +46,13 @@ impl Cloud for AwsCloud {
         Box::pin(AwsCloud::active_targets(self, arn))
     }
 
+    fn target_health<'a>(
+        &'a self,
+        arn: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<crate::cloud::TargetHealth>>, CloudError>> {
+        Box::pin(AwsCloud::target_health(self, arn))
+    }
+
     fn register_targets<'a>(
         &'a self,
         arn: &'a str,

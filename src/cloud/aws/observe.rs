@@ -141,7 +141,7 @@ impl AwsCloud {
         // Attributes and targets of every group at once.
         stack.target_groups =
             futures::future::try_join_all(ours.into_iter().map(|(tg, arn, name, t)| async move {
-                let (attributes, targets) = if q.identities_only {
+                let (attributes, (targets, healthy)) = if q.identities_only {
                     Default::default()
                 } else {
                     tokio::try_join!(self.target_group_attributes(&arn), self.targets_of(&arn))?
@@ -152,6 +152,7 @@ impl AwsCloud {
                     port: tg.port().unwrap_or_default(),
                     attributes,
                     targets,
+                    healthy,
                     tags: t,
                     name,
                     arn,
@@ -410,7 +411,11 @@ impl AwsCloud {
             .0)
     }
 
-    pub(super) async fn targets_of(&self, arn: &str) -> Result<BTreeSet<Target>, CloudError> {
+    /// The registered targets of a group (draining ones excluded), and how many are healthy.
+    pub(super) async fn targets_of(
+        &self,
+        arn: &str,
+    ) -> Result<(BTreeSet<Target>, usize), CloudError> {
         let out = self
             .call(ops::DESCRIBE_TARGET_HEALTH, || {
                 self.elb
@@ -419,16 +424,28 @@ impl AwsCloud {
                     .send()
             })
             .await?;
-        Ok(out
+        let mut healthy = 0;
+        let targets = out
             .target_health_descriptions()
             .iter()
             .filter_map(|d| {
                 let t = d.target()?;
+                let state = d
+                    .target_health()
+                    .and_then(|h| h.state())
+                    .map(|s| s.as_str());
+                match state {
+                    // Deregistered already; AWS lists it until its deregistration delay ends.
+                    Some("draining") => return None,
+                    Some("healthy") => healthy += 1,
+                    _ => {}
+                }
                 Some(Target {
                     id: t.id()?.to_string(),
                     port: t.port().unwrap_or_default(),
                 })
             })
-            .collect())
+            .collect();
+        Ok((targets, healthy))
     }
 }

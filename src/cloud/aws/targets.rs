@@ -84,6 +84,47 @@ impl AwsCloud {
         ))
     }
 
+    /// Every registered target's state and reason (for pod readiness gates); `None` when the
+    /// group does not exist.
+    pub async fn target_health(
+        &self,
+        arn: &str,
+    ) -> Result<Option<Vec<crate::cloud::TargetHealth>>, CloudError> {
+        let res = self
+            .call(ops::DESCRIBE_TARGET_HEALTH, || {
+                self.elb
+                    .describe_target_health()
+                    .target_group_arn(arn)
+                    .send()
+            })
+            .await;
+        let out = match res {
+            Ok(o) => o,
+            Err(e) if not_found(&e, &["TargetGroupNotFound"]) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(
+            out.target_health_descriptions()
+                .iter()
+                .filter_map(|d| {
+                    let t = d.target()?;
+                    let h = d.target_health();
+                    Some(crate::cloud::TargetHealth {
+                        target: Target {
+                            id: t.id()?.to_string(),
+                            port: t.port().unwrap_or_default(),
+                        },
+                        state: h
+                            .and_then(|h| h.state())
+                            .map(|s| s.as_str().to_string())
+                            .unwrap_or_default(),
+                        reason: h.and_then(|h| h.reason()).map(|r| r.as_str().to_string()),
+                    })
+                })
+                .collect(),
+        ))
+    }
+
     /// RegisterTargets in batches of 200 (rate limited as a target call).
     pub async fn register_targets(&self, arn: &str, targets: &[Target]) -> Result<(), CloudError> {
         for chunk in targets.chunks(200) {

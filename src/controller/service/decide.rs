@@ -38,6 +38,8 @@ pub struct Applied {
 pub struct RegisteredGroup {
     pub arn: String,
     pub targets: BTreeSet<Target>,
+    /// The group's health-check interval (the readiness tracker polls at it).
+    pub health_check_interval_seconds: i32,
 }
 
 /// Targets to register in and deregister from one target group.
@@ -61,6 +63,9 @@ pub struct View<'a> {
     pub slices: &'a [Arc<EndpointSlice>],
     /// Target groups earlier, unfinished plans created for this Service.
     pub pending_target_groups: BTreeSet<String>,
+    /// Pods (namespace, name) ready but for their readiness gates: registered as ip targets
+    /// although their endpoints are not ready (see `readiness::gate::with_gated_ready`).
+    pub gated: std::collections::HashSet<(String, String)>,
     /// The last full sync (`None` for `cloudlb plan`, which has no memory).
     pub applied: Option<Applied>,
     /// Another Service of ours, older, that wants the same load balancer name (`ns/name`).
@@ -247,10 +252,13 @@ pub fn decide(v: &View) -> Next {
 pub fn desire(v: &View, opts: &LoadBalancerOptions) -> Result<DesiredLoadBalancer, ModelError> {
     let (eligible, _) = target_nodes(v, opts);
     let slices = if opts.target_type == TargetType::Ip {
-        model::slices_of_service(
-            v.slices,
-            &v.svc.namespace().unwrap_or_default(),
-            &v.svc.name_any(),
+        crate::controller::readiness::gate::with_gated_ready(
+            model::slices_of_service(
+                v.slices,
+                &v.svc.namespace().unwrap_or_default(),
+                &v.svc.name_any(),
+            ),
+            &v.gated,
         )
     } else {
         Vec::new()
@@ -435,6 +443,7 @@ pub fn registered_groups(
                 RegisteredGroup {
                     arn,
                     targets: tg.targets.clone(),
+                    health_check_interval_seconds: tg.health_check.interval_seconds,
                 },
             ))
         })

@@ -52,6 +52,9 @@ pub struct Memory {
     /// names or the load balancer (the plan failed before their listener was made and the
     /// Service changed meanwhile). Observed until a plan completes.
     pub pending_target_groups: NameSets<ObjectRef<Service>>,
+    /// Listener moves waiting for their new target group's health checks: group name → when
+    /// the wait began (see `cloud::plan::hold_listener_moves`).
+    pub move_waits: PerObject<ObjectRef<Service>, BTreeMap<String, Instant>>,
 }
 
 impl Memory {
@@ -65,6 +68,7 @@ impl Memory {
         self.applied.remove(key);
         self.failures.clear(key);
         self.pending_target_groups.remove(key);
+        self.move_waits.remove(key);
     }
 
     /// Forgets every Service `live` rejects (after a relist: deletes missed while the watch
@@ -73,6 +77,7 @@ impl Memory {
         self.applied.retain(&live);
         self.failures.retain(&live);
         self.pending_target_groups.retain(&live);
+        self.move_waits.retain(&live);
     }
 }
 
@@ -126,6 +131,7 @@ fn with_view<T>(svc: &Service, ctx: &Context, f: impl FnOnce(&View) -> T) -> T {
             .get(&key)
             .unwrap_or_default(),
         applied: ctx.services_memory.applied.get(&key),
+        gated: ctx.gated.snapshot(),
         name_holder: name_holder(svc, ctx),
         resync: ctx.resync,
         now: Instant::now(),
@@ -237,7 +243,8 @@ async fn sync(
         Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
     };
     let name = desired.name.clone();
-    let plan = Plan::new(Some(desired), observed);
+    let mut plan = Plan::new(Some(desired), observed);
+    let held = hold_moves(&mut plan, ctx, &key);
     let (hostname, arns, note) = if plan.changes.is_empty() {
         let arns = plan
             .observed
@@ -294,6 +301,10 @@ async fn sync(
     let desired = plan.desired.as_ref().ok_or_else(|| {
         ReconcileError::Cloud(CloudError::Internal("sync without desired state".into()))
     })?;
+    if !held.is_empty() {
+        return waiting_for_targets(svc, ctx, hostname.as_deref(), &held, note).await;
+    }
+    ctx.services_memory.move_waits.remove(&key);
     // The stack matches the plan: every target group a plan created is attached, and every
     // observed one it did not want is gone.
     ctx.services_memory.pending_target_groups.remove(&key);
@@ -326,6 +337,80 @@ async fn sync(
         .managed_load_balancers
         .set(ctx.services_memory.managed());
     Ok(Action::requeue(ctx.resync))
+}
+
+/// How often a held listener move looks again at its new group's health (a full observe: the
+/// move is rare and its wait bounded).
+const MOVE_RECHECK: Duration = Duration::from_secs(2);
+
+/// Holds back the listener moves of `plan` whose new group is not ready yet (within each
+/// move's bounded wait, remembered per Service), logging what waits.
+fn hold_moves(plan: &mut Plan, ctx: &Context, key: &ObjectRef<Service>) -> Vec<plan::HeldMove> {
+    let Some(desired) = &plan.desired else {
+        return Vec::new();
+    };
+    let now = Instant::now();
+    let mut waits = ctx.services_memory.move_waits.get(key).unwrap_or_default();
+    let held = plan::hold_listener_moves(&mut plan.changes, desired, &plan.observed, |tg| {
+        let since = waits.get(tg).copied().unwrap_or(now);
+        let bound = desired
+            .target_groups
+            .iter()
+            .find(|t| t.name == tg)
+            .map_or(Duration::ZERO, plan::wait_bound);
+        now.duration_since(since) >= bound
+    });
+    waits.retain(|tg, _| held.iter().any(|h| h.to == *tg));
+    for h in &held {
+        waits.entry(h.to.clone()).or_insert(now);
+        info!(port = h.port, from = %h.from, to = %h.to, warm_up_port = h.warm_up_port,
+              healthy = h.healthy, needed = h.needed, "listener move waits for target health");
+    }
+    if waits.is_empty() {
+        ctx.services_memory.move_waits.remove(key);
+    } else {
+        ctx.services_memory.move_waits.insert(key.clone(), waits);
+    }
+    held
+}
+
+/// A deploy held a listener move back: the hostname is written, the condition says what is
+/// waiting, and the Service is looked at again shortly (no sync is remembered as complete).
+async fn waiting_for_targets(
+    svc: &Service,
+    ctx: &Context,
+    hostname: Option<&str>,
+    held: &[plan::HeldMove],
+    note: Option<Note>,
+) -> Result<Action, ReconcileError> {
+    let message = held
+        .iter()
+        .map(|h| {
+            format!(
+                "listener {} moves from target group {} to {} once {} of its targets pass their health checks ({} healthy so far; warm-up listener on port {})",
+                h.port, h.from, h.to, h.needed, h.healthy, h.warm_up_port
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    ctx.writes
+        .update_status(
+            svc,
+            status::Update {
+                hostname,
+                synced: false,
+                reason: "WaitingForTargetHealth",
+                message: &message,
+            },
+        )
+        .await?;
+    if let Some(note) = note {
+        ctx.writes.event(svc, note).await;
+    }
+    ctx.services_memory
+        .applied
+        .remove(&ObjectRef::from_obj(svc));
+    Ok(Action::requeue(MOVE_RECHECK))
 }
 
 /// The cached Service lacks what the last sync wrote (finalizer, hostname): write it again
@@ -641,5 +726,10 @@ pub async fn dry_run(view: &View<'_>, cloud: &dyn Cloud) -> Result<DryRun, Cloud
         Next::Teardown { query, .. } => (None, query),
     };
     let observed = cloud.observe(&query).await?;
-    Ok(DryRun::Plan(Box::new(Plan::new(desired, observed))))
+    let mut plan = Plan::new(desired, observed);
+    // As a reconcile would now: a move's wait begins.
+    if let Some(d) = &plan.desired {
+        plan::hold_listener_moves(&mut plan.changes, d, &plan.observed, |_| false);
+    }
+    Ok(DryRun::Plan(Box::new(plan)))
 }

@@ -107,6 +107,7 @@ async fn plan_output_equals_the_changes_reconcile_applies() {
                 nodes: &nodes,
                 slices: &[],
                 pending_target_groups: Default::default(),
+                gated: Default::default(),
                 applied: None,
                 name_holder: None,
                 resync: w.ctx.resync,
@@ -122,7 +123,11 @@ async fn plan_output_equals_the_changes_reconcile_applies() {
             }
         }
     };
-    for step in [svc.clone(), lb_service("shop", "web", 30081)] {
+    // Create; change the nodePort (the new group is made and warmed up behind a spare
+    // listener: the move waits for its health checks); then the move itself, once the fake's
+    // targets have passed.
+    let moved = lb_service("shop", "web", 30081);
+    for step in [svc.clone(), moved.clone(), moved] {
         let current = w.writes.current(&step);
         let plan = planned(current.clone()).await;
         assert!(!plan.is_empty());
