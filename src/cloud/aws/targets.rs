@@ -3,8 +3,6 @@
 
 use std::collections::BTreeSet;
 
-use aws_sdk_elasticloadbalancingv2 as elbv2;
-
 use super::client::*;
 use super::convert::*;
 use crate::cloud::{BoundTargetGroup, CloudError};
@@ -53,35 +51,12 @@ impl AwsCloud {
     /// those draining after a deregistration, which must not be deregistered again. `None` when
     /// the group does not exist.
     pub async fn active_targets(&self, arn: &str) -> Result<Option<BTreeSet<Target>>, CloudError> {
-        let res = self
-            .call(ops::DESCRIBE_TARGET_HEALTH, || {
-                self.elb
-                    .describe_target_health()
-                    .target_group_arn(arn)
-                    .send()
-            })
-            .await;
-        let out = match res {
-            Ok(o) => o,
-            Err(e) if not_found(&e, &["TargetGroupNotFound"]) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        Ok(Some(
-            out.target_health_descriptions()
-                .iter()
-                .filter(|d| {
-                    d.target_health().and_then(|h| h.state())
-                        != Some(&elbv2::types::TargetHealthStateEnum::Draining)
-                })
-                .filter_map(|d| {
-                    let t = d.target()?;
-                    Some(Target {
-                        id: t.id()?.to_string(),
-                        port: t.port().unwrap_or_default(),
-                    })
-                })
-                .collect(),
-        ))
+        Ok(self.target_health(arn).await?.map(|all| {
+            all.into_iter()
+                .filter(|h| h.state != "draining")
+                .map(|h| h.target)
+                .collect()
+        }))
     }
 
     /// Every registered target's state and reason (for pod readiness gates); `None` when the
