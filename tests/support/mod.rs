@@ -9,6 +9,7 @@ pub mod emulator;
 pub mod faultproxy;
 pub mod health_endpoint;
 pub mod netns;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
