@@ -575,3 +575,19 @@ pub async fn move_node_port(
     }
     panic!("no free nodePort after {after} for {name}")
 }
+
+/// A LoadBalancer Service of `class` selecting pods labelled `app: <name>`, with these ports
+/// and annotations, as the tests create it.
+pub fn lb_service(
+    name: &str,
+    class: &str,
+    ports: serde_json::Value,
+    annotations: serde_json::Value,
+) -> k8s_openapi::api::core::v1::Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": class,
+                 "selector": {"app": name}, "ports": ports}
+    }))
+    .expect("a valid Service")
+}
