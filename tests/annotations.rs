@@ -3,7 +3,7 @@
 //! what is refused without touching the cloud, IPv6 ranges, and ip target groups that keep
 //! their port (and identity) as pods come and go.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

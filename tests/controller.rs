@@ -1,6 +1,6 @@
 //! The Service controller on the real rig (kube-apiserver + LocalStack), as a real process (issue 3).
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! Figures are printed (`--nocapture`): requests sent, failed, reset, p99 latency per disruption,
 //! and the time from a new pod turning Ready (or a node joining) to its first request.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

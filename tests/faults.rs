@@ -7,7 +7,7 @@
 //! Tests run one at a time (they share LocalStack and two cores). Fault draws are seeded:
 //! `CLOUDLB_FAULT_SEED` overrides the default seed. Figures go to stderr (`--nocapture`).
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

@@ -8,7 +8,7 @@
 //! connections, 200 slowloris clients on the health-check node port. The caps are set low
 //! enough that each one refuses or evicts, and the test checks the counts.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

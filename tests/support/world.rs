@@ -111,7 +111,7 @@ impl World {
     pub async fn start_proxy(&self, n: &mut NodeBox) {
         let log = std::env::temp_dir().join(format!("cloudlb-e2e-proxy-{}.log", n.name));
         let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = n.netns.command(env!("CARGO_BIN_EXE_cloudlb"));
+        let mut cmd = n.netns.command(super::cloudlb_bin());
         cmd.args([
             "node-proxy",
             "--node-name",
