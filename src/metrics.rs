@@ -1,22 +1,13 @@
-//! Controller metrics (Prometheus text format) and the admin HTTP server: `/metrics`,
-//! `/healthz` (the process is alive) and `/readyz` (it can do its job: caches synced).
+//! Controller metrics (served on `/metrics` by `runtime::admin`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwsCallLabels {
@@ -142,59 +133,5 @@ impl ControllerMetrics {
 impl Default for ControllerMetrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-#[derive(Clone)]
-struct AdminState {
-    registry: Arc<Registry>,
-    ready: Arc<AtomicBool>,
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` fires.
-/// `ready` is flipped by the caller once it can serve (and back while it drains).
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Arc<Registry>,
-    ready: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(AdminState { registry, ready });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "admin server listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
-    Ok(())
-}
-
-async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain")],
-            e.to_string(),
-        ),
-    }
-}
-
-async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
 }
