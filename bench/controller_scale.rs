@@ -10,8 +10,7 @@
 //! `bench/build-lbc`), CLOUDLB_BENCH_FLAGS, CLOUDLB_BENCH_RUST_LOG, LBC_AWS_API_THROTTLE,
 //! LBC_BENCH_FLAGS (see `bench/controller-scale`).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use cloudlb_testkit as support;
 
 mod scale;
 

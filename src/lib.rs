@@ -8,4 +8,5 @@ pub mod crd;
 pub mod metrics;
 pub mod model;
 pub mod proxy;
+pub mod runtime;
 pub mod telemetry;

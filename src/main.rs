@@ -39,9 +39,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     match cli.command {
-        Command::Controller(args) => runtime()?.block_on(cloudlb::controller::run(args)),
+        Command::Controller(args) => {
+            cloudlb::runtime::tokio_runtime(None)?.block_on(cloudlb::controller::run(args))
+        }
         Command::NodeProxy(args) => cloudlb::proxy::run(args),
-        Command::Plan(args) => runtime()?.block_on(cloudlb::controller::plan_cmd::run(args)),
+        Command::Plan(args) => cloudlb::runtime::tokio_runtime(None)?
+            .block_on(cloudlb::controller::plan_cmd::run(args)),
         Command::Crdgen => {
             for crd in cloudlb::crd::all() {
                 print!("---\n{}", serde_yaml_ng::to_string(&crd)?);
@@ -49,10 +52,4 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
 }

@@ -1,22 +1,13 @@
-//! Controller metrics (Prometheus text format) and the admin HTTP server: `/metrics`,
-//! `/healthz` (the process is alive) and `/readyz` (it can do its job: caches synced).
+//! Controller metrics (served on `/metrics` by `runtime::admin`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwsCallLabels {
@@ -30,14 +21,82 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// One controller's reconciles: a count by result and the time each took.
+#[derive(Clone, Debug)]
+pub struct ReconcileMetrics {
+    runs: Family<ResultLabels, Counter>,
+    seconds: Histogram,
+}
+
+impl ReconcileMetrics {
+    fn register(
+        r: &mut Registry,
+        runs_name: &str,
+        runs_help: &str,
+        seconds_name: &str,
+        seconds_help: &str,
+    ) -> ReconcileMetrics {
+        let m = ReconcileMetrics {
+            runs: Family::default(),
+            seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+        };
+        r.register(runs_name, runs_help, m.runs.clone());
+        r.register(seconds_name, seconds_help, m.seconds.clone());
+        m
+    }
+
+    /// Starts timing one reconcile; it is recorded when the timer drops, as `error` unless
+    /// [`ReconcileTimer::ok`] was called (so an early return or a panic is never lost).
+    pub fn start(&self) -> ReconcileTimer<'_> {
+        ReconcileTimer {
+            metrics: self,
+            started: std::time::Instant::now(),
+            result: "error",
+        }
+    }
+
+    /// Reconciles recorded with `result` so far.
+    pub fn count(&self, result: &'static str) -> u64 {
+        self.runs.get_or_create(&ResultLabels { result }).get()
+    }
+}
+
+/// Records one reconcile's duration and result on drop.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a ReconcileMetrics,
+    started: std::time::Instant,
+    result: &'static str,
+}
+
+impl ReconcileTimer<'_> {
+    /// The reconcile succeeded.
+    pub fn ok(&mut self) {
+        self.result = "ok";
+    }
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .seconds
+            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics
+            .runs
+            .get_or_create(&ResultLabels {
+                result: self.result,
+            })
+            .inc();
+    }
+}
+
 /// Every metric the controller exports; cheap to clone (all handles are shared).
 #[derive(Clone)]
 pub struct ControllerMetrics {
     pub aws_calls: Family<AwsCallLabels, Counter>,
-    pub reconciles: Family<ResultLabels, Counter>,
-    pub reconcile_seconds: Histogram,
-    pub binding_reconciles: Family<ResultLabels, Counter>,
-    pub binding_reconcile_seconds: Histogram,
+    /// The Service controller's reconciles.
+    pub services: ReconcileMetrics,
+    /// The TargetGroupBinding controller's reconciles.
+    pub bindings: ReconcileMetrics,
     pub managed_load_balancers: Gauge,
     pub orphans_deleted: Counter,
     pub not_ready_withheld: Counter,
@@ -58,29 +117,19 @@ impl ControllerMetrics {
             "AWS API calls by operation and outcome",
             aws_calls.clone(),
         );
-        let reconciles = Family::<ResultLabels, Counter>::default();
-        r.register(
+        let services = ReconcileMetrics::register(
+            &mut r,
             "reconciles",
             "Service reconciles by result",
-            reconciles.clone(),
-        );
-        let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        r.register(
             "reconcile_duration_seconds",
             "Time per Service reconcile",
-            reconcile_seconds.clone(),
         );
-        let binding_reconciles = Family::<ResultLabels, Counter>::default();
-        r.register(
+        let bindings = ReconcileMetrics::register(
+            &mut r,
             "target_group_binding_reconciles",
             "TargetGroupBinding reconciles by result",
-            binding_reconciles.clone(),
-        );
-        let binding_reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        r.register(
             "target_group_binding_reconcile_duration_seconds",
             "Time per TargetGroupBinding reconcile",
-            binding_reconcile_seconds.clone(),
         );
         let managed_load_balancers = Gauge::default();
         r.register(
@@ -122,10 +171,8 @@ impl ControllerMetrics {
             target_health_polls,
             readiness_gate_updates,
             aws_calls,
-            reconciles,
-            reconcile_seconds,
-            binding_reconciles,
-            binding_reconcile_seconds,
+            services,
+            bindings,
             managed_load_balancers,
             orphans_deleted,
             not_ready_withheld,
@@ -145,56 +192,34 @@ impl Default for ControllerMetrics {
     }
 }
 
-#[derive(Clone)]
-struct AdminState {
-    registry: Arc<Registry>,
-    ready: Arc<AtomicBool>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` fires.
-/// `ready` is flipped by the caller once it can serve (and back while it drains).
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Arc<Registry>,
-    ready: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(AdminState { registry, ready });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "admin server listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
-    Ok(())
-}
-
-async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain")],
-            e.to_string(),
-        ),
-    }
-}
-
-async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    #[test]
+    fn a_reconcile_counts_as_error_unless_it_says_ok_and_is_always_timed() {
+        let m = ControllerMetrics::new();
+        {
+            let mut t = m.services.start();
+            t.ok();
+        }
+        {
+            // An early return (or a panic) without `ok`.
+            let _t = m.services.start();
+        }
+        drop(m.bindings.start());
+        assert_eq!(m.services.count("ok"), 1);
+        assert_eq!(m.services.count("error"), 1);
+        assert_eq!(m.bindings.count("error"), 1);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry()).unwrap();
+        for line in [
+            "cloudlb_reconciles_total{result=\"ok\"} 1",
+            "cloudlb_reconcile_duration_seconds_count 2",
+            "cloudlb_target_group_binding_reconciles_total{result=\"error\"} 1",
+            "cloudlb_target_group_binding_reconcile_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
     }
 }

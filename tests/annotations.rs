@@ -3,7 +3,7 @@
 //! what is refused without touching the cloud, IPv6 ranges, and ip target groups that keep
 //! their port (and identity) as pods come and go.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -14,33 +14,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::cloud::{ControllerProc, TestCloud};
-use support::{Rig, TestNamespace, TestNode, eventually};
+use support::{Rig, TestNamespace, TestNode, eventually, lb_service, service_hostname as hostname};
 
 const WAIT: Duration = Duration::from_secs(30);
 const A: &str = "service.beta.kubernetes.io/aws-load-balancer-";
-
-fn lb_service(
-    name: &str,
-    class: &str,
-    ports: serde_json::Value,
-    ann: serde_json::Value,
-) -> Service {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": ann},
-        "spec": {"type": "LoadBalancer", "loadBalancerClass": class, "ports": ports}
-    }))
-    .unwrap()
-}
-
-async fn hostname(api: &Api<Service>, name: &str) -> Option<String> {
-    let svc = api.get_opt(name).await.ok()??;
-    svc.status?
-        .load_balancer?
-        .ingress?
-        .first()?
-        .hostname
-        .clone()
-}
 
 /// (reason, note) of the Warning Events recorded for a Service.
 fn warnings(rig: &Rig, ns: &str, name: &str) -> Vec<(String, String)> {

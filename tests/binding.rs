@@ -2,7 +2,7 @@
 //! Service port's nodes (instance) or ready pods (ip), and is left without our targets, but
 //! otherwise untouched, when the binding goes.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

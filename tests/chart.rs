@@ -1,7 +1,7 @@
 //! The Helm chart (issue 5): it lints, renders what the values say, refuses bad values, installs
 //! on the real apiserver, and its ServiceAccounts can do exactly what the components need.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

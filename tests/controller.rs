@@ -1,6 +1,6 @@
 //! The Service controller on the real rig (kube-apiserver + LocalStack), as a real process (issue 3).
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -10,22 +10,9 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::cloud::{ControllerProc, TestCloud, is_write};
-use support::{Rig, TestNamespace, TestNode, event_reasons, eventually};
+use support::{Rig, TestNamespace, TestNode, event_reasons, eventually, lb_service};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn lb_service(
-    name: &str,
-    class: &str,
-    ports: serde_json::Value,
-    annotations: serde_json::Value,
-) -> Service {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {"type": "LoadBalancer", "loadBalancerClass": class, "selector": {"app": name}, "ports": ports}
-    }))
-    .unwrap()
-}
 
 use support::service_hostname as hostname;
 

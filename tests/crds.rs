@@ -1,7 +1,7 @@
 //! The generated CRDs: the committed YAML is exactly what `cloudlb crdgen` prints, and the real
 //! apiserver accepts it and enforces its schema (issue 5).
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::process::Command;
 

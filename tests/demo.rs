@@ -1,7 +1,7 @@
 //! The README's first command, run as a user runs it: `./dev/demo` from a clean demo state, with
 //! its output checked line by line — a command users run first must never break unseen.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::process::Command;
 

@@ -2,7 +2,7 @@
 //! in node namespaces standing in for nodes: health checks, spreading, draining, fail-over,
 //! UDP and proxy protocol v2.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 //! Tests run one at a time (they share LocalStack and two cores). Fault draws are seeded:
 //! `CLOUDLB_FAULT_SEED` overrides the default seed. Figures go to stderr (`--nocapture`).
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use serde_json::json;
 use support::apiserver::{PrivateApiserver, ready_node};
 use support::cloud::{ControllerProc, TestCloud, is_write};
 use support::faultproxy::{FaultCounts, FaultPlan, FaultProxy, Faults};
-use support::{Rig, eventually, unique};
+use support::{Rig, eventually, lb_service, unique};
 
 /// One fault test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -51,14 +51,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-fn lb_service(name: &str, class: &str, ports: serde_json::Value) -> Service {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"type": "LoadBalancer", "loadBalancerClass": class, "selector": {"app": name}, "ports": ports}
-    }))
-    .unwrap()
 }
 
 /// Service `i`'s initial ports: TCP 80, and every fifth also UDP 53.
@@ -162,7 +154,7 @@ async fn create_many(api: &Api<Service>, class: &str, names: &[(usize, String)])
     futures::stream::iter(names.iter().cloned())
         .map(|(i, name)| {
             let api = api.clone();
-            let svc = lb_service(&name, class, initial_ports(i));
+            let svc = lb_service(&name, class, initial_ports(i), json!({}));
             async move {
                 api.create(&PostParams::default(), &svc)
                     .await

@@ -4,7 +4,7 @@
 //! 65532 with a read-only root and no capabilities, prints its version, and makes AWS calls over
 //! HTTPS that verify the server against its CA bundle (a test CA in front of LocalStack).
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::BTreeSet;
 use std::io::Read;

@@ -9,7 +9,7 @@
 //! (tests/support/health_endpoint.rs) on ADDR, in front of `AWS_ENDPOINT_URL`: point a controller's
 //! `AWS_ENDPOINT_URL` at it to see the emulator's `DescribeTargetHealth`.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::path::PathBuf;
 use std::time::Duration;

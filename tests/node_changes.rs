@@ -3,7 +3,7 @@
 //! the stacks again; the drift check (here: a restarted controller's first full sync) reads
 //! only and finds nothing to change.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! status subresource so the real kube-controller-manager writes the EndpointSlices; a client
 //! namespace connects to nodeIP:nodePort.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};

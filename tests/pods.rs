@@ -4,7 +4,7 @@
 //! from the in-cluster controller; a rollout restart, a drain and an uninstall behave as the
 //! README says.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::BTreeMap;
 use std::process::Command;

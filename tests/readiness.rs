@@ -2,7 +2,7 @@
 //! Service, the controller as a host process whose AWS endpoint answers DescribeTargetHealth
 //! from the NLB emulator (tests/support/health_endpoint.rs), traffic through the hostname.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

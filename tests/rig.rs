@@ -1,6 +1,6 @@
 //! The foundation: every part of the rig is real and answers (issue 2).
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 //! tests never see each other's Services); pods are in-process line servers in namespaces of
 //! their own; clients are sockets made inside the node or a client namespace.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};

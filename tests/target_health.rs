@@ -3,7 +3,7 @@
 //! client, as the controller calls it — answers from the NLB emulator's view, not LocalStack's
 //! "always healthy".
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! byte-for-byte as it was (a full describe before and after) and the tenant's own objects keep
 //! working. `cargo test --test tenants -- --nocapture` prints one `ATTACK` line per attack.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::time::Duration;
 

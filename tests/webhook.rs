@@ -4,7 +4,7 @@
 //! to a ClusterIP only the kubelet node's namespace can reach; the chart uses the Service form).
 //! Pods are created with server-side dry run: admission runs in full, nothing is scheduled.
 
-mod support;
+use cloudlb_testkit as support;
 
 use std::time::{Duration, Instant};
 

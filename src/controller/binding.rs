@@ -80,18 +80,14 @@ pub async fn reconcile(
         binding.name_any()
     );
     let reference = ObjectRef::from_obj(&*binding);
-    let started = Instant::now();
+    let mut timer = ctx.metrics.bindings.start();
     let res = reconcile_inner(binding, &ctx)
         .instrument(info_span!("reconcile_binding", binding = %key))
         .await;
-    ctx.metrics
-        .binding_reconcile_seconds
-        .observe(started.elapsed().as_secs_f64());
-    let result = if res.is_ok() { "ok" } else { "error" };
-    ctx.metrics
-        .binding_reconciles
-        .get_or_create(&crate::metrics::ResultLabels { result })
-        .inc();
+    if res.is_ok() {
+        timer.ok();
+    }
+    drop(timer);
     if res.is_ok() {
         ctx.bindings.failures.clear(&reference);
     }

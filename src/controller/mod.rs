@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -42,8 +43,15 @@ use tokio_util::sync::CancellationToken;
 use crate::cloud::Cloud;
 use crate::cloud::aws::{AwsCloud, Ownership, RateLimits};
 use crate::crd::{TargetGroupBinding, TargetType};
-use crate::metrics::{self, ControllerMetrics};
+use crate::metrics::ControllerMetrics;
 use crate::model::SERVICE_NAME_LABEL;
+use crate::runtime::admin;
+use crate::runtime::http::{self, HttpLimits, HttpThread};
+use crate::runtime::signals::Signals;
+
+/// The admin server's limits: kubelet probes and a Prometheus scraper are its only clients.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Settings shared by `controller` and `plan`: which cluster and which Services are ours.
 #[derive(Clone, Debug, clap::Args)]
@@ -297,13 +305,9 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let metrics = ControllerMetrics::new();
     let shutdown = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    let admin = tokio::spawn(metrics::serve(
-        args.metrics_addr,
-        metrics.registry(),
-        ready.clone(),
-        shutdown.clone(),
-    ));
+    let signals = Signals::new().context("installing signal handlers")?;
+    tokio::spawn(signals.cancel_on_first(shutdown.clone()));
+    serve_admin(&args, &metrics, &ready, &shutdown)?;
 
     let identity = args
         .identity
@@ -645,13 +649,11 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         if lost.is_cancelled() {
             tracing::error!("lost the leader lease; exiting so a fresh replica can take over");
             shutdown.cancel();
-            let _ = admin.await;
             anyhow::bail!("lost the leader lease");
         }
         lease.release().await;
     }
     shutdown.cancel();
-    let _ = admin.await;
     tracing::info!("controller stopped");
     Ok(())
 }
@@ -796,20 +798,32 @@ fn node_relevance(n: &Node) -> u64 {
     h.finish()
 }
 
-async fn shutdown_on_signal(token: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
+/// `/metrics`, `/healthz` and `/readyz` on `--metrics-addr`, on the hardened HTTP server's own
+/// thread (so probes answer while reconciles keep the runtime busy), until `shutdown`.
+fn serve_admin(
+    args: &ControllerArgs,
+    metrics: &ControllerMetrics,
+    ready: &Arc<AtomicBool>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = args.metrics_addr;
+    let listener = http::bind(addr).with_context(|| format!("binding --metrics-addr {addr}"))?;
+    let limits = HttpLimits {
+        header_timeout: ADMIN_HEADER_TIMEOUT,
+        max_connections: ADMIN_MAX_CONNECTIONS,
+        evicted: Default::default(),
+        timed_out: Default::default(),
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
-    tracing::info!("shutdown requested");
-    token.cancel();
+    HttpThread::start()
+        .context("starting the admin HTTP thread")?
+        .serve(
+            listener,
+            admin::app(ready.clone(), Some(metrics.registry())),
+            Arc::new(limits),
+            shutdown.clone(),
+        );
+    tracing::info!(%addr, "admin server listening");
+    Ok(())
 }
 
 fn hostname() -> String {

@@ -17,11 +17,11 @@ use tracing::{info, warn};
 use super::clusterleg::{ClusterLeg, Shared};
 use super::frontend::{Caps, Lifecycle, PortState, Timeouts};
 use super::health::{self, ProxyHealth};
-use super::http::{self, HttpLimits, HttpThread};
 use super::metrics::Metrics;
 use super::nft::Nft;
 use super::table::{Frontend, FrontendKey, HealthCheck, Protocol, Table};
 use super::{tcp, udp};
+use crate::runtime::http::{self, HttpLimits, HttpThread};
 
 struct RunningFrontend {
     config: watch::Sender<Arc<Frontend>>,

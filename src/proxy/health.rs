@@ -10,7 +10,6 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -112,12 +111,6 @@ pub fn health_check_app(check: watch::Receiver<HealthCheck>, proxy: Arc<ProxyHea
         .with_state(HealthCheckState { check, proxy })
 }
 
-#[derive(Clone)]
-struct AdminState {
-    metrics: Arc<Metrics>,
-    proxy: Arc<ProxyHealth>,
-}
-
 /// What an admin listener answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdminRoutes {
@@ -127,41 +120,25 @@ pub enum AdminRoutes {
     ProbesAndMetrics,
 }
 
+impl crate::runtime::admin::Readiness for ProxyHealth {
+    /// Ready once the first table is applied; not again from the start of shutdown.
+    fn readiness(&self) -> Result<(), &'static str> {
+        if self.ready() {
+            Ok(())
+        } else if self.healthy() {
+            Err("not synced")
+        } else {
+            Err("draining")
+        }
+    }
+}
+
 /// An admin listener's app: `/healthz` (liveness: the process serves), `/readyz` (200 once the
 /// first table is applied, 503 again from the start of shutdown) and, with
-/// [`AdminRoutes::ProbesAndMetrics`], `/metrics` (Prometheus text).
+/// [`AdminRoutes::ProbesAndMetrics`], `/metrics` (OpenMetrics text).
 pub fn admin_app(routes: AdminRoutes, metrics: Arc<Metrics>, proxy: Arc<ProxyHealth>) -> Router {
-    let mut app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz_handler));
-    if routes == AdminRoutes::ProbesAndMetrics {
-        app = app.route("/metrics", get(metrics_handler));
-    }
-    app.with_state(AdminState { metrics, proxy })
-}
-
-async fn metrics_handler(State(s): State<AdminState>) -> Response {
-    match s.metrics.encode() {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
-async fn readyz_handler(State(s): State<AdminState>) -> Response {
-    if s.proxy.ready() {
-        (StatusCode::OK, "ok\n").into_response()
-    } else if s.proxy.healthy() {
-        (StatusCode::SERVICE_UNAVAILABLE, "not synced\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
-    }
+    let registry = (routes == AdminRoutes::ProbesAndMetrics).then(|| metrics.registry());
+    crate::runtime::admin::app(proxy, registry)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 
 use super::table::{FrontendKey, Protocol, ServicePortName};
 
@@ -157,7 +158,7 @@ struct ErrorLabels {
 /// The node proxy's metric families and their registry.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
+    registry: Arc<Registry>,
     active: Family<PortLabels, Gauge>,
     connections: Family<PortLabels, Counter>,
     bytes: Family<BytesLabels, Counter>,
@@ -178,7 +179,7 @@ impl Default for Metrics {
             endpoints: Family::default(),
             table_updates: Counter::default(),
             limited: Family::default(),
-            registry: Registry::default(),
+            registry: Arc::default(),
         };
         registry.register(
             "connections_active",
@@ -215,7 +216,10 @@ impl Default for Metrics {
             "Connections, flows and requests refused, evicted or closed by a cap of the proxy",
             m.limited.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry: Arc::new(registry),
+            ..m
+        }
     }
 }
 
@@ -314,7 +318,13 @@ impl Metrics {
         self.table_updates.inc();
     }
 
+    /// The registry `/metrics` serves.
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.registry)
+    }
+
     /// The text exposition format for `/metrics`.
+    #[cfg(test)]
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;

@@ -13,7 +13,6 @@ mod flows;
 mod forward;
 mod frontend;
 mod health;
-mod http;
 mod limits;
 mod metrics;
 mod nft;
@@ -32,17 +31,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracker::Tracker;
 
 pub use args::NodeProxyArgs;
 
+use crate::runtime::http::{self, HttpLimits, HttpThread};
+use crate::runtime::signals::Signals;
 use dataplane::Dataplane;
 use frontend::{Caps, Timeouts};
 use health::{AdminRoutes, ProxyHealth};
-use http::{HttpLimits, HttpThread};
 use limits::{Budget, TcpLimits};
 use metrics::Metrics;
 use table::{Table, TableOptions};
@@ -53,22 +52,9 @@ const BIND_RETRY: Duration = Duration::from_secs(5);
 /// Runs the node proxy until SIGTERM/SIGINT and its drain, on a runtime of its own so
 /// `--worker-threads` decides the data plane's thread budget (1 = a single-threaded runtime).
 pub fn run(args: NodeProxyArgs) -> anyhow::Result<()> {
-    runtime(args.worker_threads)
+    crate::runtime::tokio_runtime(Some(args.worker_threads).filter(|n| *n > 0))
         .context("building the node proxy runtime")?
         .block_on(serve(args))
-}
-
-fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if worker_threads == 1 {
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
-    }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 1 {
-        builder.worker_threads(worker_threads);
-    }
-    builder.enable_all().build()
 }
 
 async fn serve(args: NodeProxyArgs) -> anyhow::Result<()> {
@@ -247,27 +233,5 @@ async fn apply_updates(
         let table = table_rx.borrow_and_update().clone();
         retry = !dataplane.apply(&table).await;
         proxy.set_synced();
-    }
-}
-
-/// SIGTERM and SIGINT, either of which counts.
-struct Signals {
-    term: Signal,
-    int: Signal,
-}
-
-impl Signals {
-    fn new() -> std::io::Result<Signals> {
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
-        }
     }
 }

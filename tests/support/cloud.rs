@@ -487,7 +487,7 @@ impl ControllerProc {
             std::env::temp_dir().join(format!("cloudlb-controller-{name}-{metrics_port}.log")),
         )
         .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudlb"));
+        let mut cmd = Command::new(super::cloudlb_bin());
         cmd.args(args)
             .envs(rig.process_env())
             .env("RUST_LOG", "info,cloudlb=debug")

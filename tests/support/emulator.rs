@@ -583,10 +583,10 @@ async fn poll_once(shared: &Arc<Shared>) -> anyhow::Result<()> {
         let mut st = shared.state.lock().unwrap();
         for r in out.reservations() {
             for i in r.instances() {
-                if let (Some(id), Some(ip)) = (i.instance_id(), i.private_ip_address()) {
-                    if let Ok(ip) = ip.parse() {
-                        st.instance_ips.insert(id.to_string(), ip);
-                    }
+                if let (Some(id), Some(ip)) = (i.instance_id(), i.private_ip_address())
+                    && let Ok(ip) = ip.parse()
+                {
+                    st.instance_ips.insert(id.to_string(), ip);
                 }
             }
         }

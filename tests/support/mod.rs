@@ -1,6 +1,5 @@
 //! Test support on the real rig: attach to a running rig (or start one), give each test its own
 //! Kubernetes namespace, AWS name prefix and network namespaces, and clean up after it.
-#![allow(dead_code)] // each test crate uses a different part of this module
 
 pub mod apiserver;
 pub mod backends;
@@ -9,6 +8,7 @@ pub mod emulator;
 pub mod faultproxy;
 pub mod health_endpoint;
 pub mod netns;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,7 +23,26 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 /// The repository root (where `dev/` lives).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // This crate lives in tests/support.
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// The `cloudlb` binary cargo built beside the running test (or bench) executable: tests run
+/// from `target/<profile>/deps/`, the binary is `target/<profile>/cloudlb`. (`CARGO_BIN_EXE_*`
+/// exists only inside the package's own test crates, not in this kit.)
+pub fn cloudlb_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("cloudlb");
+    assert!(
+        bin.exists(),
+        "{} not built (cargo builds it for integration tests)",
+        bin.display()
+    );
+    bin
 }
 
 /// A running rig: paths and endpoints read from the env file `dev/rig up` writes.
@@ -573,4 +592,20 @@ pub async fn move_node_port(
         }
     }
     panic!("no free nodePort after {after} for {name}")
+}
+
+/// A LoadBalancer Service of `class` selecting pods labelled `app: <name>`, with these ports
+/// and annotations, as the tests create it.
+pub fn lb_service(
+    name: &str,
+    class: &str,
+    ports: serde_json::Value,
+    annotations: serde_json::Value,
+) -> k8s_openapi::api::core::v1::Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": class,
+                 "selector": {"app": name}, "ports": ports}
+    }))
+    .expect("a valid Service")
 }

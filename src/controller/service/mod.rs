@@ -85,16 +85,12 @@ impl Memory {
 pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
     let span = info_span!("reconcile", service = %key);
-    let started = Instant::now();
+    let mut timer = ctx.metrics.services.start();
     let res = reconcile_inner(&svc, &ctx).instrument(span).await;
-    ctx.metrics
-        .reconcile_seconds
-        .observe(started.elapsed().as_secs_f64());
-    let result = if res.is_ok() { "ok" } else { "error" };
-    ctx.metrics
-        .reconciles
-        .get_or_create(&crate::metrics::ResultLabels { result })
-        .inc();
+    if res.is_ok() {
+        timer.ok();
+    }
+    drop(timer);
     if res.is_ok() {
         ctx.services_memory
             .failures
