@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::{Change, LoadBalancerRef, ObservedStack, ObservedTargetGroup};
+use super::{Change, LoadBalancerRef, ObservedLoadBalancer, ObservedStack, ObservedTargetGroup};
 use crate::model::{DesiredLoadBalancer, ListenerSpec, TargetGroupSpec};
 
 /// A listener move the plan holds back until its new group can take the traffic.
@@ -71,25 +71,9 @@ pub fn hold_listener_moves(
     let Some(lb) = &observed.load_balancer else {
         return Vec::new();
     };
-    let group_by_arn = |arn: &str| observed.target_groups.iter().find(|t| t.arn == arn);
     let group_by_name = |name: &str| observed.target_groups.iter().find(|t| t.name == name);
     let mut held = Vec::new();
-    let mut moves: Vec<(usize, i32, String)> = Vec::new();
-    for (i, c) in changes.iter().enumerate() {
-        let Change::ModifyListener { arn, listener } = c else {
-            continue;
-        };
-        let Some(current) = lb.listeners.iter().find(|l| &l.arn == arn) else {
-            continue;
-        };
-        let Some(from) = current.target_group_arn.as_deref().and_then(group_by_arn) else {
-            continue;
-        };
-        if from.name == listener.target_group {
-            continue; // Not a move: certificates or protocol of the same group.
-        }
-        moves.push((i, listener.port, from.name.clone()));
-    }
+    let moves = listener_moves(changes, lb, observed);
     let mut dropped: BTreeSet<usize> = BTreeSet::new();
     let mut keep_ports: BTreeSet<i32> = BTreeSet::new();
     let mut warm_ups: Vec<(usize, Change)> = Vec::new();
@@ -156,6 +140,40 @@ pub fn hold_listener_moves(
             }
         }
     }
+    splice(changes, &dropped, warm_ups);
+    held
+}
+
+/// The plan's `ModifyListener`s that move a listener to another group: (index in `changes`,
+/// listener port, name of the group it forwards to now).
+fn listener_moves(
+    changes: &[Change],
+    lb: &ObservedLoadBalancer,
+    observed: &ObservedStack,
+) -> Vec<(usize, i32, String)> {
+    let group_by_arn = |arn: &str| observed.target_groups.iter().find(|t| t.arn == arn);
+    let mut moves = Vec::new();
+    for (i, c) in changes.iter().enumerate() {
+        let Change::ModifyListener { arn, listener } = c else {
+            continue;
+        };
+        let Some(current) = lb.listeners.iter().find(|l| &l.arn == arn) else {
+            continue;
+        };
+        let Some(from) = current.target_group_arn.as_deref().and_then(group_by_arn) else {
+            continue;
+        };
+        if from.name == listener.target_group {
+            continue; // Not a move: certificates or protocol of the same group.
+        }
+        moves.push((i, listener.port, from.name.clone()));
+    }
+    moves
+}
+
+/// `changes` without the `dropped` indices, each warm-up listener put before the change whose
+/// index it carries.
+fn splice(changes: &mut Vec<Change>, dropped: &BTreeSet<usize>, warm_ups: Vec<(usize, Change)>) {
     let mut out = Vec::with_capacity(changes.len() + warm_ups.len());
     for (i, c) in changes.drain(..).enumerate() {
         for (_, w) in warm_ups.iter().filter(|(at, _)| *at == i) {
@@ -166,7 +184,6 @@ pub fn hold_listener_moves(
         }
     }
     *changes = out;
-    held
 }
 
 #[cfg(test)]
