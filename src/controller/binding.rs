@@ -64,6 +64,28 @@ pub struct State {
     pub store: std::sync::OnceLock<Store<TargetGroupBinding>>,
 }
 
+impl State {
+    /// Forgets every binding the cache no longer holds: a binding deleted (or force-deleted,
+    /// its finalizer stripped by hand, so no cleanup ever ran) must not stay in memory.
+    pub fn prune(&self) {
+        let Some(store) = self.store.get() else {
+            return;
+        };
+        let live: std::collections::HashSet<ObjectRef<TargetGroupBinding>> = store
+            .state()
+            .iter()
+            .map(|b| ObjectRef::from_obj(&**b))
+            .collect();
+        self.applied.retain(|k| live.contains(k));
+        self.failures.retain(|k| live.contains(k));
+    }
+
+    /// How many bindings are remembered (applied or failing).
+    pub fn remembered(&self) -> usize {
+        self.applied.len().max(self.failures.len())
+    }
+}
+
 /// Whether a binding is affected by a change of the Service `namespace/name`.
 pub fn refers_to(b: &TargetGroupBinding, namespace: &str, name: &str) -> bool {
     b.namespace().as_deref() == Some(namespace) && b.spec.service_ref.name == name
@@ -508,4 +530,42 @@ async fn event(ctx: &Context, b: &TargetGroupBinding, type_: EventType, reason: 
         note: note.into(),
     };
     events::publish(&ctx.recorder, b, note).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::{reflector, watcher};
+
+    fn binding(name: &str) -> TargetGroupBinding {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cloudlb.io/v1beta1",
+            "kind": "TargetGroupBinding",
+            "metadata": {"name": name, "namespace": "team"},
+            "spec": {"targetGroupARN": "arn:aws:elasticloadbalancing:us-east-1:000000000000:targetgroup/x/1",
+                     "serviceRef": {"name": "web", "port": 80}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_binding_gone_from_the_cache_is_forgotten() {
+        let (store, mut writer) = reflector::store::<TargetGroupBinding>();
+        let (kept, gone) = (binding("kept"), binding("gone"));
+        writer.apply_watcher_event(&watcher::Event::Apply(kept.clone()));
+        let state = State::default();
+        let _ = state.store.set(store);
+        for b in [&kept, &gone] {
+            state
+                .applied
+                .insert(ObjectRef::from_obj(b), (1, Instant::now()));
+            state.failures.record(ObjectRef::from_obj(b));
+        }
+        assert_eq!(state.remembered(), 2);
+        // `gone` was force-deleted (finalizer stripped): no cleanup ran, the cache dropped it.
+        state.prune();
+        assert_eq!(state.remembered(), 1);
+        assert!(state.applied.get(&ObjectRef::from_obj(&kept)).is_some());
+        assert!(state.applied.get(&ObjectRef::from_obj(&gone)).is_none());
+    }
 }

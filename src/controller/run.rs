@@ -91,10 +91,28 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 tracing::debug!(error = %e, "reconcile stream error");
             }
         });
-    tokio::join!(services, bindings);
+    let controllers = async {
+        tokio::join!(services, bindings);
+    };
+    let grace = leadership.stopped(&shutdown);
+    tokio::select! {
+        () = controllers => {}
+        () = async { grace.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "controllers still running after the shutdown grace; exiting anyway"
+            );
+        }
+    }
 
     leadership.finish(&metrics, &shutdown).await
 }
+
+/// Longest wait, once stopping, for reconciles in flight to finish (below the kubelet's default
+/// 30 s termination grace). A controller whose cache never fills (the TargetGroupBinding CRD
+/// not installed) would otherwise wait forever: kube-runtime's runner waits for its store
+/// before it can end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// This replica's identity in the lease and in Events.
 fn identity(args: &ControllerArgs) -> String {
@@ -362,7 +380,7 @@ fn spawn_readiness(
 /// by node changes (instance targets) and by its Service's EndpointSlices (ip targets).
 fn binding_controller(
     client: Client,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     args: &ControllerArgs,
     triggers: BindingTriggers,
 ) -> Controller<TargetGroupBinding> {
@@ -396,7 +414,11 @@ fn binding_controller(
                 None => Vec::new(),
             }
         })
-        .reconcile_all_on(triggers.relists)
+        .reconcile_all_on(triggers.relists.inspect({
+            // Each relist also forgets bindings deleted without a cleanup (finalizer stripped).
+            let ctx = Arc::clone(ctx);
+            move |()| ctx.bindings.prune()
+        }))
 }
 
 fn refs(
