@@ -3,6 +3,8 @@
 //! stops being ours. `cloudlb plan` runs the same [`dry_run`] without the writes.
 
 pub mod decide;
+mod report;
+mod teardown;
 #[cfg(test)]
 mod tests;
 
@@ -27,6 +29,8 @@ pub use decide::{
     Applied, Next, RegisteredGroup, TargetChange, View, decide, is_ours, name_from_hostname,
     node_selector, uses_ip_targets,
 };
+use report::*;
+use teardown::*;
 
 /// Why a reconcile failed; all are retried with backoff, and reported as Events.
 #[derive(Debug, thiserror::Error)]
@@ -490,174 +494,6 @@ async fn retarget(
         ctx.services_memory.applied.insert(key, a);
     }
     Ok(Action::requeue(ctx.resync))
-}
-
-/// The NotReady guard kept nodes registered: a Warning and the metric.
-async fn withheld_warning(svc: &Service, ctx: &Context, w: crate::model::Withheld) {
-    ctx.metrics.not_ready_withheld.inc_by(w.not_ready as u64);
-    warn!(
-        not_ready = w.not_ready,
-        nodes = w.candidates,
-        "NotReady guard: keeping nodes registered"
-    );
-    let note = format!(
-        "{} of {} target nodes are NotReady at once (more than --not-ready-guard-percent={}%); \
-         keeping all of them registered and leaving them to the health checks",
-        w.not_ready, w.candidates, ctx.cluster.not_ready_guard_percent
-    );
-    ctx.writes
-        .event(svc, Note::warning("DeregistrationWithheld", "Sync", note))
-        .await;
-}
-
-/// A Warning Event with AWS's message; the error goes on to the backoff.
-async fn sync_failed(svc: &Service, ctx: &Context, e: CloudError) -> CloudError {
-    let note = format!(
-        "Error syncing load balancer: {e}{}",
-        if e.is_transient() {
-            " (will retry)"
-        } else {
-            ""
-        }
-    );
-    ctx.writes
-        .event(svc, Note::warning("SyncLoadBalancerFailed", "Sync", note))
-        .await;
-    e
-}
-
-/// Bad input: status condition, and a Warning when that condition is new. No cloud change.
-async fn invalid(
-    svc: &Service,
-    ctx: &Context,
-    reason: &str,
-    message: &str,
-) -> Result<Action, ReconcileError> {
-    if report_invalid(svc, ctx, reason, message).await? {
-        warn!(%reason, %message, "service cannot be reconciled; no cloud change made");
-    }
-    Ok(Action::await_change())
-}
-
-/// The condition (hostname kept) and, when that condition is new, the Warning; `Ok(true)`
-/// when it was new.
-async fn report_invalid(
-    svc: &Service,
-    ctx: &Context,
-    reason: &str,
-    message: &str,
-) -> Result<bool, ReconcileError> {
-    let changed = ctx
-        .writes
-        .update_status(
-            svc,
-            status::Update {
-                hostname: status::current_hostname(svc),
-                synced: false,
-                reason,
-                message,
-            },
-        )
-        .await?;
-    if changed {
-        let note = Note::warning(
-            "SyncLoadBalancerFailed",
-            "SyncLoadBalancerFailed",
-            format!("{reason}: {message}"),
-        );
-        ctx.writes.event(svc, note).await;
-    }
-    Ok(changed)
-}
-
-/// Refused because another, older Service of ours wants the same load balancer name: this
-/// Service gets the condition and a Warning, and the holder a Warning too (once, when this
-/// Service's condition turns), so both owners see the clash.
-async fn name_taken(
-    svc: &Service,
-    ctx: &Context,
-    name: &str,
-    holder: &str,
-) -> Result<Action, ReconcileError> {
-    let me = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
-    let message = format!(
-        "load balancer name {name} is already used by Service {holder}; choose another name (annotation service.beta.kubernetes.io/aws-load-balancer-name)"
-    );
-    if report_invalid(svc, ctx, "NameConflict", &message).await? {
-        warn!(%name, %holder, "load balancer name taken; no cloud change made");
-        let holder_ref = holder
-            .split_once('/')
-            .map(|(ns, n)| ObjectRef::<Service>::new(n).within(ns));
-        if let Some(h) = holder_ref.and_then(|r| ctx.services.get(&r)) {
-            let note = Note::warning(
-                "LoadBalancerNameConflict",
-                "Sync",
-                format!(
-                    "Service {me} also asks for load balancer name {name}; it is refused while this Service holds the name"
-                ),
-            );
-            ctx.writes.event(&h, note).await;
-        }
-    }
-    Ok(Action::requeue(Duration::from_secs(30)))
-}
-
-/// Deletes everything the Service owns, then its status and finalizer.
-async fn cleanup(
-    svc: &Service,
-    ctx: &Context,
-    query: &StackQuery,
-    still_ours: bool,
-) -> Result<(), ReconcileError> {
-    let key = ObjectRef::from_obj(svc);
-    let observed = match ctx.cloud.observe(query).await {
-        Ok(o) => o,
-        Err(e) => return Err(sync_failed(svc, ctx, e).await.into()),
-    };
-    if let DeletionProtection::Blocked(name) =
-        plan::deletion_protection(&observed, says_protection_off(svc))
-    {
-        let note = Note::warning(
-            "DeletionProtected",
-            "Delete",
-            format!(
-                "load balancer {name} has deletion_protection.enabled=true, so nothing was deleted and the finalizer stays; set the annotation {}: deletion_protection.enabled=false (cloudlb then turns it off and deletes) or turn it off in AWS",
-                crate::annotations::key("attributes")
-            ),
-        );
-        ctx.writes.event(svc, note).await;
-        return Err(ReconcileError::DeletionProtected(name));
-    }
-    let plan = Plan::new(None, observed);
-    if !plan.changes.is_empty() {
-        let note = normal("DeletingLoadBalancer", "Deleting load balancer");
-        ctx.writes.event(svc, note).await;
-        if let Err(e) = ctx.cloud.deploy(&plan).await {
-            return Err(sync_failed(svc, ctx, e).await.into());
-        }
-        let note = normal("DeletedLoadBalancer", "Deleted load balancer");
-        ctx.writes.event(svc, note).await;
-        info!(service = %query.service, changes = plan.changes.len(), "load balancer deleted");
-    }
-    if svc.metadata.deletion_timestamp.is_none() && !still_ours {
-        ctx.writes.clear_status(svc).await?;
-    }
-    ctx.services_memory.pending_target_groups.remove(&key);
-    ctx.writes.remove_finalizer(svc, &ctx.finalizer).await?;
-    ctx.services_memory.forget(&key);
-    ctx.metrics
-        .managed_load_balancers
-        .set(ctx.services_memory.managed());
-    Ok(())
-}
-
-/// Whether the Service's own annotations say `deletion_protection.enabled=false`.
-fn says_protection_off(svc: &Service) -> bool {
-    crate::annotations::parse(svc.annotations()).is_ok_and(|o| {
-        o.load_balancer_attributes
-            .get(plan::DELETION_PROTECTION)
-            .is_some_and(|v| v == "false")
-    })
 }
 
 /// Notes, before applying, the target groups `changes` will create: if the plan stops half
