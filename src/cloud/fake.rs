@@ -146,9 +146,10 @@ impl FakeCloud {
             .filter(|t| {
                 attached.contains(t.arn.as_str())
                     || q.target_group_names.contains(&t.name)
-                    || q.target_groups_by_tag
-                        .as_ref()
-                        .is_some_and(|p| t.name.starts_with(p.as_str()))
+                    || (load_balancer.is_none()
+                        && q.target_groups_by_tag
+                            .as_ref()
+                            .is_some_and(|p| t.name.starts_with(p.as_str())))
             })
             // The fake's targets pass their checks at once.
             .map(|t| ObservedTargetGroup {

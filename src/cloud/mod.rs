@@ -76,6 +76,9 @@ pub struct StackQuery {
     /// prefix (the readable part of cloudlb's names), found by listing. A group whose delete
     /// failed after its load balancer went is attached to nothing and may not be a name the
     /// Service still models (a ClusterIP Service has no nodePorts), so only its tags find it.
+    /// Listed only when no load balancer is found: while one exists its listeners name its
+    /// groups, and a delete's reads stay per Service (groups left beside a live load balancer
+    /// are the orphan sweep's).
     pub target_groups_by_tag: Option<String>,
     /// Teardown: read only what names each resource (ARNs, ids, ownership) and the load
     /// balancer's attributes (deletion protection), not listeners, targets or target group

@@ -101,7 +101,15 @@ impl AwsCloud {
         }))
         .await?;
         found.extend(by_name.into_iter().flatten());
-        if let Some(prefix) = &q.target_groups_by_tag {
+        // The account is listed only when the load balancer is already gone (a teardown retried
+        // after its groups' deletes failed): while it exists, its listeners name its groups, and
+        // a teardown's reads stay per Service (a listing per delete made deleting N Services
+        // O(N²) in AWS's answers).
+        let listing = q
+            .target_groups_by_tag
+            .as_ref()
+            .filter(|_| stack.load_balancer.is_none());
+        if let Some(prefix) = listing {
             for tg in self.target_groups_named_like(prefix).await? {
                 if !found
                     .iter()
@@ -116,7 +124,7 @@ impl AwsCloud {
             .filter_map(|t| t.target_group_arn().map(str::to_string))
             .collect();
         // A listing may be stale (a group deleted meanwhile): then the vanished are skipped.
-        let tag_map = match q.target_groups_by_tag {
+        let tag_map = match listing {
             Some(_) => self.tags_of_existing(&arns).await?,
             None => self.tags_of(&arns).await?,
         };
