@@ -555,6 +555,7 @@ mod tests {
             .unbounded_send(watcher::Event::Apply(node("a", &[("zone", "x")], "5")))
             .unwrap();
         drop(events);
+        let start = tokio::time::Instant::now();
         let seen: Vec<_> = tokio::time::timeout(Duration::from_secs(5), async {
             let mut seen = Vec::new();
             while let Some(n) = out.next().await {
@@ -566,6 +567,12 @@ mod tests {
         .expect("the subscription reads past the deleted node, and ends after the watch");
         // "b" was gone before it was read; "a"'s heartbeat is skipped.
         assert_eq!(seen, ["5"]);
+        // Polled again by the nudge, not only by the timeout's own wake-up.
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
