@@ -14,13 +14,13 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use super::args::label_selector;
-use super::watches::{self, BindingTriggers, FirstLists, Stores, Watched, watch_backoff};
+use super::watches::{self, BindingTriggers, FirstLists, Gone, Stores, Watched, watch_backoff};
 use super::{
     Context, ControllerArgs, MANAGER, binding, finalizer_for, leader, orphans, readiness, service,
     webhook, writes,
@@ -61,10 +61,11 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         stores,
     );
 
-    // The Service controller drives the three watch streams and hands every change on to the
-    // binding controller.
-    let (fanout, triggers) = watches::fanout();
-    let (for_gates, for_lead) = (fanout.services.clone(), fanout.relists.clone());
+    // The Service controller drives the three watch streams into shared caches; the binding
+    // controller reads their subscriptions, and the deletes and relists the watches send.
+    let (fanout, triggers) = watches::fanout(&writers);
+    let for_lead = fanout.relists.clone();
+    let (for_gates, gated) = unbounded::<Service>();
     let first_lists = FirstLists::default();
     let watched = watches::start(&client, writers, fanout, &first_lists, &ctx);
     spawn_ready_when_listed(first_lists, ready, ctx.synced.clone());
@@ -73,7 +74,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     if args.orphan_sweep {
         spawn_orphan_sweep(&args, &ctx, &shutdown);
     }
-    let bindings = binding_controller(client.clone(), &ctx, &args, triggers)
+    let bindings = binding_controller(client.clone(), &ctx, &args, triggers, gated)
         .graceful_shutdown_on(leadership.stopped(&shutdown))
         .run(binding::reconcile, binding::error_policy, ctx.clone())
         .for_each(|res| async move {
@@ -377,48 +378,127 @@ fn spawn_readiness(
 }
 
 /// The TargetGroupBinding Controller: its own watch on bindings, woken by the Service it names,
-/// by node changes (instance targets) and by its Service's EndpointSlices (ip targets).
+/// by node changes (instance targets) and by its Service's EndpointSlices (ip targets) — read
+/// from the subscriptions to the Service controller's shared caches, deletes and relists from
+/// the watches' channels — and by pods waiting on their readiness gates (`gated`).
+///
+/// Its own watch yields no errors to the Controller (they are logged here, and the watch
+/// backs off on its own): a trigger error would pause every trigger of this Controller,
+/// subscriptions included, for kube-runtime's trigger backoff, and a subscription not polled
+/// stalls the shared writers and the Service controller with them (see [`watches::Shared`]).
+/// The Service controller keeps consuming the watch streams themselves (`for_stream`, not
+/// `for_shared_stream`): it drives them, and its node and EndpointSlice wake-ups need the
+/// deletes, which a shared writer does not broadcast.
 fn binding_controller(
     client: Client,
     ctx: &Arc<Context>,
     args: &ControllerArgs,
     triggers: BindingTriggers,
+    gated: UnboundedReceiver<Service>,
 ) -> Controller<TargetGroupBinding> {
     let mut config = watcher::Config::default();
     if !args.target_group_binding_selector.is_empty() {
         config = config.labels(&label_selector(&args.target_group_binding_selector));
     }
-    let controller = Controller::new(Api::<TargetGroupBinding>::all(client), config).with_config(
-        ControllerConfig::default()
-            .concurrency(args.concurrency)
-            .debounce(Duration::from_millis(200)),
-    );
-    let store = controller.store();
+    let (store, writer) = reflector::store::<TargetGroupBinding>();
     let _ = ctx.bindings.store.set(store.clone());
-    let (for_services, for_nodes, for_slices) = (store.clone(), store.clone(), store);
-    controller
-        .watches_stream(triggers.services.map(Ok), move |svc: Service| {
-            let ns = svc.namespace().unwrap_or_default();
-            let name = svc.name_any();
-            refs(&for_services, |b| binding::refers_to(b, &ns, &name))
-        })
-        .watches_stream(triggers.nodes.map(Ok), move |_: Node| {
-            refs(&for_nodes, |b| b.spec.target_type == TargetType::Instance)
-        })
-        .watches_stream(triggers.slices.map(Ok), move |slice: EndpointSlice| {
-            let ns = slice.namespace().unwrap_or_default();
-            match slice.labels().get(SERVICE_NAME_LABEL) {
-                Some(name) => refs(&for_slices, |b| {
-                    b.spec.target_type == TargetType::Ip && binding::refers_to(b, &ns, name)
-                }),
-                None => Vec::new(),
+    let own = reflector::reflector(
+        writer,
+        watcher(Api::<TargetGroupBinding>::all(client), config).default_backoff(),
+    )
+    .applied_objects()
+    .filter_map(|b| {
+        futures::future::ready(match b {
+            Ok(b) => Some(Ok(b)),
+            Err(e) => {
+                tracing::debug!(error = %e, "TargetGroupBinding watch error");
+                None
             }
         })
+    });
+    let (for_services, for_gated, for_nodes, for_slices, for_gone) = (
+        store.clone(),
+        store.clone(),
+        store.clone(),
+        store.clone(),
+        store.clone(),
+    );
+    let relevance = watches::Relevance::default();
+    let seen = relevance.clone();
+    Controller::for_stream(own, store)
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(args.concurrency)
+                .debounce(Duration::from_millis(200)),
+        )
+        .watches_shared_stream(triggers.services, move |svc: Arc<Service>| {
+            naming_service(
+                &for_services,
+                &svc.namespace().unwrap_or_default(),
+                &svc.name_any(),
+            )
+        })
+        .watches_stream(gated.map(Ok), move |svc: Service| {
+            naming_service(
+                &for_gated,
+                &svc.namespace().unwrap_or_default(),
+                &svc.name_any(),
+            )
+        })
+        .watches_shared_stream(
+            watches::relevant_nodes(triggers.nodes, relevance),
+            move |_: Arc<Node>| instance_bindings(&for_nodes),
+        )
+        .watches_shared_stream(triggers.slices, move |slice: Arc<EndpointSlice>| {
+            let ns = slice.namespace().unwrap_or_default();
+            let service = slice.labels().get(SERVICE_NAME_LABEL);
+            of_service_slices(&for_slices, &ns, service.map(String::as_str))
+        })
+        .reconcile_on(triggers.gone.flat_map(move |gone| {
+            let wake = match gone {
+                Gone::Service(ns, name) => naming_service(&for_gone, &ns, &name),
+                Gone::Node(name) => {
+                    seen.forget(&name);
+                    instance_bindings(&for_gone)
+                }
+                Gone::Slice(ns, service) => of_service_slices(&for_gone, &ns, service.as_deref()),
+            };
+            futures::stream::iter(wake)
+        }))
         .reconcile_all_on(triggers.relists.inspect({
             // Each relist also forgets bindings deleted without a cleanup (finalizer stripped).
             let ctx = Arc::clone(ctx);
             move |()| ctx.bindings.prune()
         }))
+}
+
+/// The bindings that name the Service `ns`/`name`.
+fn naming_service(
+    store: &Store<TargetGroupBinding>,
+    ns: &str,
+    name: &str,
+) -> Vec<ObjectRef<TargetGroupBinding>> {
+    refs(store, |b| binding::refers_to(b, ns, name))
+}
+
+/// The bindings of instance targets (any node change may move them).
+fn instance_bindings(store: &Store<TargetGroupBinding>) -> Vec<ObjectRef<TargetGroupBinding>> {
+    refs(store, |b| b.spec.target_type == TargetType::Instance)
+}
+
+/// The ip-target bindings of the Service `ns`/`service` an EndpointSlice belongs to (none
+/// for a slice without the Service label).
+fn of_service_slices(
+    store: &Store<TargetGroupBinding>,
+    ns: &str,
+    service: Option<&str>,
+) -> Vec<ObjectRef<TargetGroupBinding>> {
+    match service {
+        Some(name) => refs(store, |b| {
+            b.spec.target_type == TargetType::Ip && binding::refers_to(b, ns, name)
+        }),
+        None => Vec::new(),
+    }
 }
 
 fn refs(

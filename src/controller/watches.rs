@@ -1,9 +1,12 @@
-//! The controller's watches: Nodes, EndpointSlices and Services into their caches, each
-//! change handed on to the binding controller, and node and EndpointSlice bursts turned into
-//! Service wake-ups; with the small helpers they share (backoff, first-list marks, node trim).
+//! The controller's watches: Nodes, EndpointSlices and Services into their shared caches,
+//! whose subscriptions feed the binding controller, and node and EndpointSlice bursts turned
+//! into Service wake-ups; with the small helpers they share (backoff, first-list marks, node
+//! trim, node relevance).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
@@ -11,10 +14,10 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::reflector::{self, ObjectRef, ReflectHandle, Store, store::Writer};
 use kube::runtime::utils::ResetTimerBackoff;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use super::{ClusterArgs, Context, bursts, service};
@@ -30,18 +33,25 @@ pub(super) struct Stores {
     pub services: Store<Service>,
 }
 
-/// The writers of [`Stores`], fed by the watch streams.
+/// The writers of [`Stores`], fed by the watch streams. They are shared writers: each
+/// broadcasts what it caches to its subscribers ([`Shared`]).
 pub(super) struct Writers {
     pub nodes: Writer<Node>,
     pub slices: Writer<EndpointSlice>,
     pub services: Writer<Service>,
 }
 
-/// Empty caches and their writers.
+/// Object references a shared writer buffers for a subscriber that has not read them yet.
+/// A writer whose buffer is full waits (the watch stalls) until every subscriber has read the
+/// oldest: see [`Shared`] for why that wait always ends. A relist re-sends every cached key,
+/// so a large cluster's relist goes through the buffer in several rounds.
+const SHARED_BUFFER: usize = 1024;
+
+/// Empty caches and their shared writers.
 pub(super) fn caches() -> (Stores, Writers) {
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
-    let (services, service_writer) = reflector::store::<Service>();
+    let (nodes, node_writer) = reflector::store_shared::<Node>(SHARED_BUFFER);
+    let (slices, slice_writer) = reflector::store_shared::<EndpointSlice>(SHARED_BUFFER);
+    let (services, service_writer) = reflector::store_shared::<Service>(SHARED_BUFFER);
     (
         Stores {
             nodes,
@@ -79,43 +89,163 @@ impl FirstLists {
     }
 }
 
-/// Where the Service controller's watches hand each change on: the binding controller gets a
-/// copy of every change once the stores hold it, and a full pass after each (re)list.
+/// An object a watch saw deleted. A shared writer broadcasts only what it caches (applied
+/// objects, and every key after a relist), never a delete — by then the object is gone from
+/// the store its subscribers read through — so deletes reach the binding controller here.
+pub(super) enum Gone {
+    /// A Service, by namespace and name.
+    Service(String, String),
+    /// A Node, by name.
+    Node(String),
+    /// An EndpointSlice, by namespace and the name of its Service (when labelled).
+    Slice(String, Option<String>),
+}
+
+impl Gone {
+    fn service(s: &Service) -> Self {
+        Gone::Service(s.namespace().unwrap_or_default(), s.name_any())
+    }
+
+    fn slice(s: &EndpointSlice) -> Self {
+        let service = s.labels().get(SERVICE_NAME_LABEL).cloned();
+        Gone::Slice(s.namespace().unwrap_or_default(), service)
+    }
+}
+
+/// What the watches send the binding controller besides the shared subscriptions: deletes,
+/// and a signal after each (re)list (kube-runtime has no shared-stream form of either).
 pub(super) struct Fanout {
-    pub services: UnboundedSender<Service>,
-    pub nodes: UnboundedSender<Node>,
-    pub slices: UnboundedSender<EndpointSlice>,
+    pub gone: UnboundedSender<Gone>,
     pub relists: UnboundedSender<()>,
 }
 
-/// Changes that may move a binding's targets, fanned out from the Service controller's streams.
+/// Changes that may move a binding's targets: subscriptions to the three shared writers, the
+/// deletes and relists the watches send, and Services whose gated pods wait on a binding.
 pub(super) struct BindingTriggers {
-    pub services: UnboundedReceiver<Service>,
-    pub nodes: UnboundedReceiver<Node>,
-    pub slices: UnboundedReceiver<EndpointSlice>,
+    pub services: Shared<Service>,
+    pub nodes: Shared<Node>,
+    pub slices: Shared<EndpointSlice>,
+    pub gone: UnboundedReceiver<Gone>,
     pub relists: UnboundedReceiver<()>,
 }
 
-/// The two ends of the fan-out.
-pub(super) fn fanout() -> (Fanout, BindingTriggers) {
-    let (node_tx, node_rx) = unbounded::<Node>();
-    let (slice_tx, slice_rx) = unbounded::<EndpointSlice>();
-    let (svc_tx, svc_rx) = unbounded::<Service>();
+/// Subscribes to the three writers, and opens the channels of the watches' deletes and
+/// relists.
+pub(super) fn fanout(writers: &Writers) -> (Fanout, BindingTriggers) {
+    let (gone_tx, gone_rx) = unbounded::<Gone>();
     let (relist_tx, relist_rx) = unbounded::<()>();
     (
         Fanout {
-            services: svc_tx,
-            nodes: node_tx,
-            slices: slice_tx,
+            gone: gone_tx,
             relists: relist_tx,
         },
         BindingTriggers {
-            services: svc_rx,
-            nodes: node_rx,
-            slices: slice_rx,
+            services: Shared::subscribe(&writers.services),
+            nodes: Shared::subscribe(&writers.nodes),
+            slices: Shared::subscribe(&writers.slices),
+            gone: gone_rx,
             relists: relist_rx,
         },
     )
+}
+
+/// How often a [`Shared`] subscription is polled again without a wake-up.
+const NUDGE: Duration = Duration::from_millis(250);
+
+/// A subscription to a shared writer ([`ReflectHandle`]): yields each object the writer
+/// cached, as the store holds it when read.
+///
+/// Backpressure: a shared writer waits while any subscriber's buffer is full, and the watch
+/// feeding it stalls with it — and with it the Service controller, which drives the watches.
+/// So every subscription must be polled whenever the watches are:
+/// - the binding controller runs on every replica, standby included (its reconciles return
+///   without a write until this replica leads), and kube-runtime's runner keeps draining its
+///   triggers into the scheduler while reconciles are at the concurrency limit or its store
+///   is not yet listed (a missing TargetGroupBinding CRD);
+/// - no trigger of the binding controller yields an error: its own watch logs and drops them
+///   (see `binding_controller` in run.rs), since an error would pause all its triggers for a
+///   backoff (kube-runtime's trigger backoff, up to 30 s);
+/// - once graceful shutdown begins, both controllers stop polling their triggers together
+///   (the same stop signal, checked before every poll): the watches are then no longer
+///   driven, so a subscription no one reads blocks nothing that still runs;
+/// - a [`ReflectHandle`] that reads a key whose object was deleted meanwhile returns
+///   `Pending` without having registered a wake-up, and would then never be polled again in
+///   a Controller's trigger set (each trigger is polled only on its own wake-up), its buffer
+///   filling for good. [`NUDGE`] polls it again regardless.
+pub(super) struct Shared<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    handle: Pin<Box<ReflectHandle<K>>>,
+    nudge: tokio::time::Interval,
+}
+
+impl<K> Shared<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    /// Subscribes to `writer`, which must be shared (see [`caches`]); the subscription starts
+    /// at the writer's next broadcast.
+    fn subscribe(writer: &Writer<K>) -> Self {
+        let handle = writer
+            .subscribe()
+            .expect("the caches' writers are shared (store_shared)");
+        let mut nudge = tokio::time::interval(NUDGE);
+        nudge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Shared {
+            handle: Box::pin(handle),
+            nudge,
+        }
+    }
+}
+
+impl<K> Stream for Shared<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    type Item = Arc<K>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Arc<K>>> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(next) = this.handle.as_mut().poll_next(cx) {
+                return Poll::Ready(next);
+            }
+            // Pending, maybe without a wake-up registered: the next tick polls again.
+            if this.nudge.poll_tick(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// Node changes that can move targets (see [`node_relevance`]), by node name: what a
+/// consumer saw last of each node.
+#[derive(Clone, Default)]
+pub(super) struct Relevance(Arc<Mutex<HashMap<String, u64>>>);
+
+impl Relevance {
+    /// Whether `n` differs, in what decides its traffic, from the last version seen.
+    pub fn changed(&self, n: &Node) -> bool {
+        let h = node_relevance(n);
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.insert(n.name_any(), h) != Some(h)
+    }
+
+    /// Forgets a deleted node (a node of that name is new again).
+    pub fn forget(&self, name: &str) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.remove(name);
+    }
+}
+
+/// The nodes of a subscription that changed in what decides their traffic (status heartbeats
+/// do not); `relevance` must also forget deleted nodes (see [`Gone`]).
+pub(super) fn relevant_nodes(
+    nodes: Shared<Node>,
+    relevance: Relevance,
+) -> impl Stream<Item = Arc<Node>> + Send + 'static {
+    nodes.filter(move |n| futures::future::ready(relevance.changed(n)))
 }
 
 /// The three watch streams, as the Service controller consumes them.
@@ -128,8 +258,9 @@ pub(super) struct Watched {
     pub services: BoxStream<'static, Changes<Service>>,
 }
 
-/// The three watches, into `writers`, each change handed on through `fanout`, each first list
-/// marked in `first_lists`.
+/// The three watches, into `writers` (which hand each cached change on to their
+/// subscribers), each delete and relist sent through `fanout`, each first list marked in
+/// `first_lists`.
 pub(super) fn start(
     client: &Client,
     writers: Writers,
@@ -142,7 +273,7 @@ pub(super) fn start(
         nodes: nodes(
             client,
             writers.nodes,
-            fanout.nodes,
+            fanout.gone.clone(),
             relists.clone(),
             first_lists.nodes.clone(),
         )
@@ -150,7 +281,7 @@ pub(super) fn start(
         slices: slices(
             client,
             writers.slices,
-            fanout.slices,
+            fanout.gone.clone(),
             relists,
             first_lists.slices.clone(),
         )
@@ -158,7 +289,7 @@ pub(super) fn start(
         services: services(
             client,
             writers.services,
-            fanout.services,
+            fanout.gone,
             fanout.relists,
             first_lists.services.clone(),
             ctx.clone(),
@@ -168,15 +299,15 @@ pub(super) fn start(
 }
 
 /// Nodes into their cache; only changes that can move targets come out (not status
-/// heartbeats), each also sent to `changed`.
+/// heartbeats), deletes also sent to `gone`.
 fn nodes(
     client: &Client,
     writer: Writer<Node>,
-    changed: UnboundedSender<Node>,
+    gone: UnboundedSender<Gone>,
     relists: UnboundedSender<()>,
     first_list: CancellationToken,
 ) -> impl Stream<Item = Changes<Node>> + Send + 'static {
-    let mut node_hashes: HashMap<String, u64> = HashMap::new();
+    let relevance = Relevance::default();
     reflector::reflector(
         writer,
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
@@ -188,11 +319,11 @@ fn nodes(
     .filter_map(move |ev| {
         let out = match ev {
             Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
-                let h = node_relevance(&n);
-                (node_hashes.insert(n.name_any(), h) != Some(h)).then_some(Ok(n))
+                relevance.changed(&n).then_some(Ok(n))
             }
             Ok(watcher::Event::Delete(n)) => {
-                node_hashes.remove(&n.name_any());
+                relevance.forget(&n.name_any());
+                let _ = gone.unbounded_send(Gone::Node(n.name_any()));
                 Some(Ok(n))
             }
             Ok(_) => None,
@@ -200,18 +331,14 @@ fn nodes(
         };
         futures::future::ready(out)
     })
-    .inspect(move |n| {
-        if let Ok(n) = n {
-            let _ = changed.unbounded_send(n.clone());
-        }
-    })
 }
 
-/// EndpointSlices into their cache; every touched slice comes out, also sent to `changed`.
+/// EndpointSlices into their cache; every touched slice comes out, deletes also sent to
+/// `gone`.
 fn slices(
     client: &Client,
     writer: Writer<EndpointSlice>,
-    changed: UnboundedSender<EndpointSlice>,
+    gone: UnboundedSender<Gone>,
     relists: UnboundedSender<()>,
     first_list: CancellationToken,
 ) -> impl Stream<Item = Changes<EndpointSlice>> + Send + 'static {
@@ -226,21 +353,21 @@ fn slices(
     )
     .inspect(move |ev| relisted(ev, &relists))
     .inspect(mark_synced(first_list))
-    .touched_objects()
-    .inspect(move |s| {
-        if let Ok(s) = s {
-            let _ = changed.unbounded_send(s.clone());
+    .inspect(move |ev| {
+        if let Ok(watcher::Event::Delete(s)) = ev {
+            let _ = gone.unbounded_send(Gone::slice(s));
         }
     })
+    .touched_objects()
 }
 
 /// Services into their cache; applied Services come out (the Service controller's own
-/// stream). Applied and deleted ones are sent to `changed`; a deleted Service's memory is
-/// forgotten, and after a relist every Service the store no longer holds.
+/// stream). Deleted ones are sent to `gone`; a deleted Service's memory is forgotten, and
+/// after a relist every Service the store no longer holds.
 fn services(
     client: &Client,
     writer: Writer<Service>,
-    changed: UnboundedSender<Service>,
+    gone: UnboundedSender<Gone>,
     relists: UnboundedSender<()>,
     first_list: CancellationToken,
     ctx: Arc<Context>,
@@ -259,12 +386,12 @@ fn services(
         relisted(ev, &relists);
         match ev {
             // Per-Service memory goes with the Service, also after a force-delete.
-            Ok(watcher::Event::Delete(s)) => ctx.forget_service(&ObjectRef::from_obj(s)),
+            Ok(watcher::Event::Delete(s)) => {
+                ctx.forget_service(&ObjectRef::from_obj(s));
+                let _ = gone.unbounded_send(Gone::service(s));
+            }
             Ok(watcher::Event::InitDone) => ctx.prune_services(),
             _ => {}
-        }
-        if let Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) = ev {
-            let _ = changed.unbounded_send(s.clone());
         }
     })
     .applied_objects()
@@ -383,6 +510,70 @@ fn node_relevance(n: &Node) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(name: &str, labels: &[(&str, &str)], heartbeat: &str) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n.metadata.resource_version = Some(heartbeat.into());
+        n
+    }
+
+    /// A subscriber that reads a key whose object was deleted meanwhile still yields what
+    /// follows (kube-runtime's handle alone waits for a wake-up that never comes), and only
+    /// node changes that can move targets come out.
+    #[tokio::test(start_paused = true)]
+    async fn shared_nodes_survive_deletes_and_skip_heartbeats() {
+        let (_store, writer) = reflector::store_shared::<Node>(4);
+        let mut out = std::pin::pin!(relevant_nodes(
+            Shared::subscribe(&writer),
+            Relevance::default()
+        ));
+        let (events, watch) = unbounded::<watcher::Event<Node>>();
+        tokio::spawn(reflector::reflector(writer, watch.map(Ok)).for_each(|_| async {}));
+        for ev in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(node("a", &[], "1")),
+            watcher::Event::InitDone,
+            watcher::Event::Apply(node("b", &[], "2")),
+            watcher::Event::Delete(node("b", &[], "3")),
+        ] {
+            events.unbounded_send(ev).unwrap();
+        }
+        let listed = out.next().await.unwrap();
+        assert_eq!(listed.metadata.resource_version.as_deref(), Some("1"));
+        // A heartbeat, then a change that can move targets; then the watch ends.
+        events
+            .unbounded_send(watcher::Event::Apply(node("a", &[], "4")))
+            .unwrap();
+        events
+            .unbounded_send(watcher::Event::Apply(node("a", &[("zone", "x")], "5")))
+            .unwrap();
+        drop(events);
+        let start = tokio::time::Instant::now();
+        let seen: Vec<_> = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut seen = Vec::new();
+            while let Some(n) = out.next().await {
+                seen.push(n.metadata.resource_version.clone().unwrap_or_default());
+            }
+            seen
+        })
+        .await
+        .expect("the subscription reads past the deleted node, and ends after the watch");
+        // "b" was gone before it was read; "a"'s heartbeat is skipped.
+        assert_eq!(seen, ["5"]);
+        // Polled again by the nudge, not only by the timeout's own wake-up.
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
 
     #[test]
     fn watch_backoff_stays_short() {
