@@ -65,8 +65,15 @@ pub struct State {
 }
 
 impl State {
-    /// Forgets every binding the cache no longer holds: a binding deleted (or force-deleted,
-    /// its finalizer stripped by hand, so no cleanup ever ran) must not stay in memory.
+    /// Forgets a deleted binding: its cleanup cleared this already, unless its finalizer was
+    /// stripped by hand (a force-delete), when no cleanup ever ran.
+    pub fn forget(&self, key: &ObjectRef<TargetGroupBinding>) {
+        self.applied.remove(key);
+        self.failures.clear(key);
+    }
+
+    /// After a relist of the bindings: forgets every binding the cache no longer holds (deletes
+    /// missed while the watch was down).
     pub fn prune(&self) {
         let Some(store) = self.store.get() else {
             return;
@@ -78,11 +85,6 @@ impl State {
             .collect();
         self.applied.retain(|k| live.contains(k));
         self.failures.retain(|k| live.contains(k));
-    }
-
-    /// How many bindings are remembered (applied or failing).
-    pub fn remembered(&self) -> usize {
-        self.applied.len().max(self.failures.len())
     }
 }
 
@@ -548,24 +550,28 @@ mod tests {
         .unwrap()
     }
 
+    fn remember(state: &State, b: &TargetGroupBinding) {
+        let key = ObjectRef::from_obj(b);
+        state.applied.insert(key.clone(), (1, Instant::now()));
+        state.failures.record(key);
+    }
+
     #[test]
-    fn a_binding_gone_from_the_cache_is_forgotten() {
+    fn a_deleted_binding_is_forgotten_and_a_relist_prunes_the_missed_ones() {
         let (store, mut writer) = reflector::store::<TargetGroupBinding>();
         let (kept, gone) = (binding("kept"), binding("gone"));
         writer.apply_watcher_event(&watcher::Event::Apply(kept.clone()));
         let state = State::default();
         let _ = state.store.set(store);
-        for b in [&kept, &gone] {
-            state
-                .applied
-                .insert(ObjectRef::from_obj(b), (1, Instant::now()));
-            state.failures.record(ObjectRef::from_obj(b));
-        }
-        assert_eq!(state.remembered(), 2);
-        // `gone` was force-deleted (finalizer stripped): no cleanup ran, the cache dropped it.
+        remember(&state, &kept);
+        remember(&state, &gone);
+        // `gone` was force-deleted (finalizer stripped) while the watch was down: no cleanup
+        // ran, and the relist's cache no longer holds it.
         state.prune();
-        assert_eq!(state.remembered(), 1);
+        assert_eq!((state.applied.len(), state.failures.len()), (1, 1));
         assert!(state.applied.get(&ObjectRef::from_obj(&kept)).is_some());
-        assert!(state.applied.get(&ObjectRef::from_obj(&gone)).is_none());
+        // `kept` is force-deleted while watched: its Delete event forgets it.
+        state.forget(&ObjectRef::from_obj(&kept));
+        assert_eq!((state.applied.len(), state.failures.len()), (0, 0));
     }
 }

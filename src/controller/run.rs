@@ -402,10 +402,17 @@ fn binding_controller(
     }
     let (store, writer) = reflector::store::<TargetGroupBinding>();
     let _ = ctx.bindings.store.set(store.clone());
+    let memory = Arc::clone(ctx);
     let own = reflector::reflector(
         writer,
         watcher(Api::<TargetGroupBinding>::all(client), config).default_backoff(),
     )
+    // A binding's memory goes with it, also after a force-delete (no cleanup ran).
+    .inspect(move |ev| match ev {
+        Ok(watcher::Event::Delete(b)) => memory.bindings.forget(&ObjectRef::from_obj(b)),
+        Ok(watcher::Event::InitDone) => memory.bindings.prune(),
+        _ => {}
+    })
     .applied_objects()
     .filter_map(|b| {
         futures::future::ready(match b {
@@ -465,11 +472,7 @@ fn binding_controller(
             };
             futures::stream::iter(wake)
         }))
-        .reconcile_all_on(triggers.relists.inspect({
-            // Each relist also forgets bindings deleted without a cleanup (finalizer stripped).
-            let ctx = Arc::clone(ctx);
-            move |()| ctx.bindings.prune()
-        }))
+        .reconcile_all_on(triggers.relists)
 }
 
 /// The bindings that name the Service `ns`/`name`.
