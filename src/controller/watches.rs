@@ -308,15 +308,7 @@ fn nodes(
     first_list: CancellationToken,
 ) -> impl Stream<Item = Changes<Node>> + Send + 'static {
     let relevance = Relevance::default();
-    reflector::reflector(
-        writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-            .modify(trim_node)
-            .backoff(watch_backoff()),
-    )
-    .inspect(move |ev| relisted(ev, &relists))
-    .inspect(mark_synced(first_list))
-    .filter_map(move |ev| {
+    cached(client, writer, trim_node, relists, first_list).filter_map(move |ev| {
         let out = match ev {
             Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
                 relevance.changed(&n).then_some(Ok(n))
@@ -342,23 +334,13 @@ fn slices(
     relists: UnboundedSender<()>,
     first_list: CancellationToken,
 ) -> impl Stream<Item = Changes<EndpointSlice>> + Send + 'static {
-    reflector::reflector(
-        writer,
-        watcher(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
-        .backoff(watch_backoff()),
-    )
-    .inspect(move |ev| relisted(ev, &relists))
-    .inspect(mark_synced(first_list))
-    .inspect(move |ev| {
-        if let Ok(watcher::Event::Delete(s)) = ev {
-            let _ = gone.unbounded_send(Gone::slice(s));
-        }
-    })
-    .touched_objects()
+    cached(client, writer, drop_managed_fields, relists, first_list)
+        .inspect(move |ev| {
+            if let Ok(watcher::Event::Delete(s)) = ev {
+                let _ = gone.unbounded_send(Gone::slice(s));
+            }
+        })
+        .touched_objects()
 }
 
 /// Services into their cache; applied Services come out (the Service controller's own
@@ -372,19 +354,8 @@ fn services(
     first_list: CancellationToken,
     ctx: Arc<Context>,
 ) -> impl Stream<Item = Changes<Service>> + Send + 'static {
-    reflector::reflector(
-        writer,
-        watcher(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .modify(|s: &mut Service| s.managed_fields_mut().clear())
-        .backoff(watch_backoff()),
-    )
-    .inspect(mark_synced(first_list))
-    .inspect(move |ev| {
-        relisted(ev, &relists);
-        match ev {
+    cached(client, writer, drop_managed_fields, relists, first_list)
+        .inspect(move |ev| match ev {
             // Per-Service memory goes with the Service, also after a force-delete.
             Ok(watcher::Event::Delete(s)) => {
                 ctx.forget_service(&ObjectRef::from_obj(s));
@@ -392,9 +363,8 @@ fn services(
             }
             Ok(watcher::Event::InitDone) => ctx.prune_services(),
             _ => {}
-        }
-    })
-    .applied_objects()
+        })
+        .applied_objects()
 }
 
 /// A burst of relevant node changes wakes every instance-target Service we serve once.
@@ -440,6 +410,39 @@ pub(super) fn slice_wakes(
     })
 }
 
+/// Every `K` into `writer`'s cache, trimmed by `trim` first, with the watches' short backoff;
+/// after each (re)list a signal on `relists`, and `first_list` cancelled at the first.
+fn cached<K>(
+    client: &Client,
+    writer: Writer<K>,
+    trim: fn(&mut K),
+    relists: UnboundedSender<()>,
+    first_list: CancellationToken,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    reflector::reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+            .modify(trim)
+            .backoff(watch_backoff()),
+    )
+    .inspect(move |ev| relisted(ev, &relists))
+    .inspect(mark_synced(first_list))
+}
+
+/// Drops what no reconcile reads from a cached object: its managedFields.
+fn drop_managed_fields<K: Resource>(o: &mut K) {
+    o.managed_fields_mut().clear();
+}
+
 /// After a (re)list the stores swap in new contents at once: tell the binding controller.
 fn relisted<K>(ev: &Result<watcher::Event<K>, watcher::Error>, tx: &UnboundedSender<()>) {
     if let Ok(watcher::Event::InitDone) = ev {
@@ -481,7 +484,7 @@ pub(super) fn watch_backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> 
 /// list (often the largest part of a real node's status), so a large cluster's cache stays
 /// small.
 fn trim_node(n: &mut Node) {
-    n.managed_fields_mut().clear();
+    drop_managed_fields(n);
     if let Some(status) = n.status.as_mut() {
         status.images = None;
     }
